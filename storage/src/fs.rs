@@ -1,0 +1,95 @@
+//! The file-system seam: every fsync and every disk-usage reading goes through
+//! [`FileSystem`], so tests can inject a failed fsync or a full disk without root or a
+//! special mount. Production uses [`RealFileSystem`].
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+use memmap2::MmapRaw;
+
+/// How full the file system that holds the data directory is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DiskUsage {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+impl DiskUsage {
+    pub fn used_ratio(&self) -> f64 {
+        if self.total_bytes == 0 {
+            return 0.0;
+        }
+        let used = self.total_bytes.saturating_sub(self.available_bytes);
+        used as f64 / self.total_bytes as f64
+    }
+}
+
+/// The durability and capacity operations of the file system.
+pub trait FileSystem: Send + Sync + 'static {
+    /// Makes `len` bytes of a mapped file from `offset` durable (msync with `MS_SYNC`).
+    fn sync_mapped_range(&self, map: &MmapRaw, offset: usize, len: usize) -> io::Result<()>;
+    /// Makes a file's data durable (fdatasync).
+    fn sync_file_data(&self, file: &File) -> io::Result<()>;
+    /// Makes a directory's entries durable, after a file was created, renamed or removed in it.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// The usage of the file system holding `path`.
+    fn disk_usage(&self, path: &Path) -> io::Result<DiskUsage>;
+}
+
+/// The operating system's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFileSystem;
+
+impl FileSystem for RealFileSystem {
+    fn sync_mapped_range(&self, map: &MmapRaw, offset: usize, len: usize) -> io::Result<()> {
+        map.flush_range(offset, len)
+    }
+
+    fn sync_file_data(&self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+
+    fn disk_usage(&self, path: &Path) -> io::Result<DiskUsage> {
+        statvfs(path)
+    }
+}
+
+#[allow(unsafe_code)]
+fn statvfs(path: &Path) -> io::Result<DiskUsage> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c_path` is a valid NUL-terminated string and `stat` points to writable memory
+    // of the right type; statvfs writes only into it.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the whole struct.
+    let stat = unsafe { stat.assume_init() };
+    let block = stat.f_frsize;
+    Ok(DiskUsage {
+        total_bytes: stat.f_blocks * block,
+        available_bytes: stat.f_bavail * block,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statvfs_reads_the_temp_dir() {
+        let usage = RealFileSystem.disk_usage(&std::env::temp_dir()).unwrap();
+        assert!(usage.total_bytes > 0);
+        assert!(usage.available_bytes <= usage.total_bytes);
+        let ratio = usage.used_ratio();
+        assert!((0.0..=1.0).contains(&ratio));
+    }
+}

@@ -1,0 +1,162 @@
+//! A fixed-size, memory-mapped file, named by the 20-digit number of its first unit: commit-log
+//! segments (a byte position), consume-queue files (a queue offset) and index files.
+//!
+//! Every owner keeps two invariants that make the shared mapping safe to use: only one writer
+//! writes, and only to bytes at or past its published write position; readers only read bytes
+//! below it (or the owner serializes both behind a lock, as the message index does).
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{IoContext, Result};
+use crate::fs::FileSystem;
+
+#[derive(Debug)]
+pub(crate) struct MappedFile {
+    base: u64,
+    path: PathBuf,
+    file: File,
+    map: MmapRaw,
+}
+
+impl MappedFile {
+    pub(crate) fn file_name(base: u64) -> String {
+        format!("{base:020}")
+    }
+
+    /// Creates a new zero-filled file and makes its existence durable: an fdatasync of the
+    /// file (its size) and an fsync of the directory (its name).
+    pub(crate) fn create(
+        dir: &Path,
+        base: u64,
+        size_bytes: u64,
+        fs: &dyn FileSystem,
+    ) -> Result<MappedFile> {
+        let path = dir.join(MappedFile::file_name(base));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .at(&path)?;
+        file.set_len(size_bytes).at(&path)?;
+        fs.sync_file_data(&file).at(&path)?;
+        fs.sync_dir(dir).at(dir)?;
+        MappedFile::map(path, file, base)
+    }
+
+    /// Opens an existing file. A file shorter than `size_bytes` (cut by a crash or by hand)
+    /// is extended with zeros, which recovery reads as "never written".
+    pub(crate) fn open(path: &Path, base: u64, size_bytes: u64) -> Result<MappedFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .at(path)?;
+        let len = file.metadata().at(path)?.len();
+        if len > size_bytes {
+            return Err(crate::Error::InvalidOption {
+                field: "file size",
+                reason: format!(
+                    "{} is {len} bytes, larger than the configured size {size_bytes}",
+                    path.display()
+                ),
+            });
+        }
+        if len < size_bytes {
+            file.set_len(size_bytes).at(path)?;
+        }
+        MappedFile::map(path.to_path_buf(), file, base)
+    }
+
+    fn map(path: PathBuf, file: File, base: u64) -> Result<MappedFile> {
+        // The data directory is locked by one process and files are never truncated by anyone
+        // else while mapped; all access goes through the bounds-checked methods below.
+        let map = MmapOptions::new().map_raw(&file).at(&path)?;
+        Ok(MappedFile {
+            base,
+            path,
+            file,
+            map,
+        })
+    }
+
+    pub(crate) fn base(&self) -> u64 {
+        self.base
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The base read as a commit-log position (for commit-log segments).
+    pub(crate) fn base_pos(&self) -> crate::pos::LogPos {
+        crate::pos::LogPos(self.base)
+    }
+
+    pub(crate) fn remove(&self) -> Result<()> {
+        std::fs::remove_file(&self.path).at(&self.path)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Bytes `[from, to)` of the file. The caller guarantees they are below the published
+    /// write position (see the module invariants), so nobody writes them concurrently.
+    pub(crate) fn bytes(&self, from: usize, to: usize) -> &[u8] {
+        assert!(
+            from <= to && to <= self.map.len(),
+            "mapped read out of bounds"
+        );
+        // SAFETY: in bounds (checked above); the mapping lives as long as `self`; by the module
+        // invariant no one writes this range while the returned borrow exists.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(from), to - from)
+        }
+    }
+
+    /// Bytes `[from, to)` for writing. Only the writer calls this, for bytes at or past the
+    /// published write position, which no reader touches.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn bytes_mut(&self, from: usize, to: usize) -> &mut [u8] {
+        assert!(
+            from <= to && to <= self.map.len(),
+            "mapped write out of bounds"
+        );
+        // SAFETY: in bounds; the owner makes the caller the only writer, and readers stay
+        // below the published write position, so this range is not aliased.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(from), to - from)
+        }
+    }
+
+    /// Makes bytes `[from, to)` durable.
+    pub(crate) fn sync(&self, fs: &dyn FileSystem, from: usize, to: usize) -> std::io::Result<()> {
+        if to > from {
+            fs.sync_mapped_range(&self.map, from, to - from)?;
+        }
+        Ok(())
+    }
+
+    /// Drops everything from `offset` on: the file is cut there and extended again, so the
+    /// dropped bytes read as zeros, and the cut is made durable.
+    pub(crate) fn discard_from(&self, offset: usize, fs: &dyn FileSystem) -> Result<()> {
+        let size = self.map.len() as u64;
+        self.file.set_len(offset as u64).at(&self.path)?;
+        self.file.set_len(size).at(&self.path)?;
+        fs.sync_file_data(&self.file).at(&self.path)
+    }
+
+    /// The file's last modification time, for age-based retention.
+    pub(crate) fn modified(&self) -> Result<std::time::SystemTime> {
+        self.file
+            .metadata()
+            .and_then(|m| m.modified())
+            .at(&self.path)
+    }
+}

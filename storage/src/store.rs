@@ -1,0 +1,532 @@
+//! `MessageStore`: the commit log plus everything derived from it, kept in step by the
+//! dispatcher thread, checkpointed, recovered on open, and trimmed by retention.
+//!
+//! The dispatcher is the only writer of consume queues and the index. It follows the commit log
+//! up to `CommitLog::dispatchable_end`, and every `checkpoint_interval` it makes the log and the
+//! derived files durable and records how far it got. Recovery re-checks and re-dispatches only
+//! what lies past that checkpoint.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::checkpoint::{Checkpoint, CheckpointFile};
+use crate::commit_log::{Appended, CommitLog, DiskFull, Durable, StoredRecord};
+use crate::consume_queue::{ConsumeQueue, ConsumeQueueEntry, ConsumeQueues, tag_hash};
+use crate::error::{Error, IoContext, Result};
+use crate::fs::DiskUsage;
+use crate::message_index::{IndexKey, MessageIndex};
+use crate::options::StoreOptions;
+use crate::pos::LogPos;
+use crate::record::{NewRecord, keys};
+
+/// What `MessageStore::open` found and did.
+#[derive(Debug, Clone)]
+pub struct RecoveryReport {
+    /// The previous run shut down cleanly.
+    pub clean_shutdown: bool,
+    pub checkpoint: Checkpoint,
+    /// Records were checked from here...
+    pub scanned_from: LogPos,
+    /// ...to here, the valid end of the log.
+    pub valid_end: LogPos,
+    pub records_scanned: u64,
+    pub records_redispatched: u64,
+    /// Where a damaged (not merely unwritten) record ended the log, and why.
+    pub damage: Option<(LogPos, &'static str)>,
+    pub elapsed: Duration,
+}
+
+/// What one retention pass removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub segments_removed: Vec<LogPos>,
+    pub min_pos: LogPos,
+}
+
+pub struct MessageStore {
+    inner: Arc<Inner>,
+    dispatcher: Mutex<Option<JoinHandle<()>>>,
+    recovery: RecoveryReport,
+    _lock: File,
+}
+
+struct Inner {
+    dir: PathBuf,
+    options: StoreOptions,
+    log: CommitLog,
+    queues: ConsumeQueues,
+    index: MessageIndex,
+    cursor: Mutex<DispatchCursor>,
+    dispatched: AtomicU64,
+    dispatched_changed: Condvar,
+    dispatched_lock: Mutex<()>,
+    stopping: AtomicBool,
+}
+
+struct DispatchCursor {
+    pos: LogPos,
+    checkpoint: CheckpointFile,
+    checkpointed: LogPos,
+}
+
+impl MessageStore {
+    /// Opens the store in `dir`, creating it if needed, and recovers it.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<MessageStore> {
+        let started = Instant::now();
+        options.validate()?;
+        std::fs::create_dir_all(dir).at(dir)?;
+        let lock = lock_dir(dir)?;
+        let fs = options.fs.clone();
+        let (mut checkpoint_file, checkpoint) =
+            CheckpointFile::open(&dir.join("checkpoint"), fs.clone())?;
+        let (log, scan) = CommitLog::open(
+            &dir.join("commitlog"),
+            options.segment_size_bytes,
+            options.flush,
+            fs.clone(),
+            checkpoint.dispatched,
+        )?;
+        if let Some((pos, error)) = scan.damage {
+            tracing::warn!(%pos, reason = error.reason(), "commit log damaged; discarded everything from here on");
+        }
+        if scan.valid_end < checkpoint.dispatched {
+            tracing::error!(
+                valid_end = %scan.valid_end,
+                checkpoint = %checkpoint.dispatched,
+                "commit log ends before the checkpoint; derived data past its end is dropped"
+            );
+        }
+        let boundary = scan.valid_end.min(checkpoint.dispatched);
+        let queues = ConsumeQueues::open(
+            dir.join("consumequeue"),
+            options.queue_entries_per_file,
+            fs.clone(),
+            boundary,
+        )?;
+        let index = MessageIndex::open(
+            dir.join("index"),
+            options.index_shape,
+            fs.clone(),
+            boundary,
+            checkpoint.clean,
+        )?;
+        log.seed_queue_offsets(
+            queues
+                .all()
+                .iter()
+                .map(|q| (q.topic().to_owned(), q.queue_id(), q.max_offset().0)),
+        );
+        let min_pos = log.min_pos();
+        let start = boundary.max(min_pos);
+        // Mark the run unclean before anything derived changes, so a crash during recovery is
+        // recovered as a crash.
+        checkpoint_file.write(&Checkpoint {
+            clean: false,
+            ..checkpoint
+        })?;
+        let inner = Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            options,
+            log,
+            queues,
+            index,
+            cursor: Mutex::new(DispatchCursor {
+                pos: start,
+                checkpoint: checkpoint_file,
+                checkpointed: boundary,
+            }),
+            dispatched: AtomicU64::new(start.0),
+            dispatched_changed: Condvar::new(),
+            dispatched_lock: Mutex::new(()),
+            stopping: AtomicBool::new(false),
+        });
+        let redispatched = {
+            let mut cursor = inner.lock_cursor();
+            let count = inner.dispatch(&mut cursor, inner.log.dispatchable_end())?;
+            inner.queues.trim_below(min_pos)?;
+            inner.index.trim_below(min_pos)?;
+            inner.checkpoint(&mut cursor, false)?;
+            count
+        };
+        if let Err(error) = inner.check_disk_usage() {
+            tracing::warn!(%error, "could not read disk usage");
+        }
+
+        let dispatcher = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("ferrumq-dispatcher".into())
+                .spawn(move || inner.run_dispatcher())
+                .at(dir)?
+        };
+        inner.log.set_progress_listener(dispatcher.thread().clone());
+        let recovery = RecoveryReport {
+            clean_shutdown: checkpoint.clean,
+            checkpoint,
+            scanned_from: scan.scanned_from,
+            valid_end: scan.valid_end,
+            records_scanned: scan.records_scanned,
+            records_redispatched: redispatched,
+            damage: scan.damage.map(|(pos, e)| (pos, e.reason())),
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(?recovery, "message store open");
+        Ok(MessageStore {
+            inner,
+            dispatcher: Mutex::new(Some(dispatcher)),
+            recovery,
+            _lock: lock,
+        })
+    }
+
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The commit log, for appends, reads and durability waits.
+    pub fn log(&self) -> &CommitLog {
+        &self.inner.log
+    }
+
+    /// Appends one record; see `CommitLog::append`.
+    pub fn append(&self, record: &NewRecord<'_>) -> Result<Appended> {
+        self.inner.log.append(record)
+    }
+
+    /// Resolves when the log is durable up to `end`.
+    pub fn durable(&self, end: LogPos) -> Durable {
+        self.inner.log.durable(end)
+    }
+
+    pub fn read(&self, pos: LogPos) -> Result<StoredRecord> {
+        self.inner.log.read(pos)
+    }
+
+    pub fn consume_queue(&self, topic: &str, queue_id: u32) -> Option<Arc<ConsumeQueue>> {
+        self.inner.queues.get(topic, queue_id)
+    }
+
+    pub fn consume_queues(&self) -> Vec<Arc<ConsumeQueue>> {
+        self.inner.queues.all()
+    }
+
+    /// Records with message id `id` stored within `[from_ms, to_ms]`.
+    pub fn query_by_id(&self, id: &str, from_ms: i64, to_ms: i64) -> Vec<StoredRecord> {
+        let candidates = self
+            .inner
+            .index
+            .lookup(IndexKey::MessageId(id), from_ms, to_ms, 16);
+        self.confirmed(candidates, |record| {
+            record.view().properties.get(keys::MESSAGE_ID) == Some(id)
+        })
+    }
+
+    /// Up to `max` records of `topic` with key `key` stored within `[from_ms, to_ms]`,
+    /// newest first.
+    pub fn query_by_key(
+        &self,
+        topic: &str,
+        key: &str,
+        from_ms: i64,
+        to_ms: i64,
+        max: usize,
+    ) -> Vec<StoredRecord> {
+        let candidates = self
+            .inner
+            .index
+            .lookup(IndexKey::Key { topic, key }, from_ms, to_ms, max);
+        self.confirmed(candidates, |record| {
+            let view = record.view();
+            view.topic == topic
+                && view
+                    .properties
+                    .iter()
+                    .any(|(k, v)| k == keys::KEY && v == key)
+        })
+    }
+
+    /// Every record below this has its consume-queue and index entries.
+    pub fn dispatched_pos(&self) -> LogPos {
+        LogPos(self.inner.dispatched.load(Ordering::Acquire))
+    }
+
+    /// Waits until dispatch reaches `pos`; false on timeout.
+    pub fn wait_dispatched(&self, pos: LogPos, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self
+            .inner
+            .dispatched_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while self.dispatched_pos() < pos {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            guard = self
+                .inner
+                .dispatched_changed
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// Makes everything dispatched so far durable and records it in the checkpoint.
+    pub fn checkpoint(&self) -> Result<()> {
+        let mut cursor = self.inner.lock_cursor();
+        self.inner.checkpoint(&mut cursor, false)
+    }
+
+    /// Deletes segments older than the configured retention (relative to `now`), never the
+    /// active one nor anything not yet checkpointed, and trims the derived structures.
+    pub fn run_retention(&self, now: SystemTime) -> Result<RetentionReport> {
+        self.inner.run_retention(now)
+    }
+
+    /// Reads the disk usage and refuses or accepts appends by the watermark.
+    pub fn check_disk_usage(&self) -> Result<DiskUsage> {
+        self.inner.check_disk_usage()
+    }
+
+    /// Dispatches and flushes everything, writes a clean checkpoint and stops the threads.
+    pub fn close(&self) -> Result<()> {
+        let handle = self
+            .dispatcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(handle) = handle else { return Ok(()) };
+        self.inner.stopping.store(true, Ordering::Release);
+        handle.thread().unpark();
+        let _ = handle.join();
+        let result = (|| {
+            self.inner.log.flush()?;
+            let mut cursor = self.inner.lock_cursor();
+            self.inner
+                .dispatch(&mut cursor, self.inner.log.dispatchable_end())?;
+            self.inner.checkpoint(&mut cursor, true)
+        })();
+        let closed = self.inner.log.close();
+        result.and(closed)
+    }
+}
+
+impl Drop for MessageStore {
+    fn drop(&mut self) {
+        if let Err(error) = self.close() {
+            tracing::error!(%error, "closing the message store failed");
+        }
+    }
+}
+
+impl MessageStore {
+    fn confirmed(
+        &self,
+        candidates: Vec<LogPos>,
+        matches: impl Fn(&StoredRecord) -> bool,
+    ) -> Vec<StoredRecord> {
+        candidates
+            .into_iter()
+            .filter_map(|pos| self.inner.log.read(pos).ok())
+            .filter(|record| matches(record))
+            .collect()
+    }
+}
+
+impl Inner {
+    fn lock_cursor(&self) -> MutexGuard<'_, DispatchCursor> {
+        self.cursor.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn run_dispatcher(&self) {
+        let mut last_checkpoint = Instant::now();
+        let mut last_housekeeping = Instant::now();
+        let mut failed = false;
+        while !self.stopping.load(Ordering::Acquire) {
+            let result = (|| -> Result<()> {
+                let end = self.log.dispatchable_end();
+                let mut cursor = self.lock_cursor();
+                if cursor.pos < end {
+                    self.dispatch(&mut cursor, end)?;
+                }
+                if last_checkpoint.elapsed() >= self.options.checkpoint_interval {
+                    last_checkpoint = Instant::now();
+                    if cursor.pos > cursor.checkpointed {
+                        self.checkpoint(&mut cursor, false)?;
+                    }
+                }
+                drop(cursor);
+                if last_housekeeping.elapsed() >= self.options.housekeeping_interval {
+                    last_housekeeping = Instant::now();
+                    self.check_disk_usage()?;
+                    self.run_retention(SystemTime::now())?;
+                }
+                Ok(())
+            })();
+            match result {
+                Ok(()) => failed = false,
+                Err(error) if !failed => {
+                    failed = true;
+                    tracing::error!(%error, "dispatcher step failed; retrying");
+                }
+                Err(_) => {}
+            }
+            let wait = self
+                .options
+                .checkpoint_interval
+                .min(self.options.housekeeping_interval)
+                .min(Duration::from_millis(100));
+            std::thread::park_timeout(wait);
+        }
+    }
+
+    /// Builds consume-queue and index entries for every record in `[cursor.pos, end)`.
+    fn dispatch(&self, cursor: &mut DispatchCursor, end: LogPos) -> Result<u64> {
+        let mut count = 0;
+        let mut index_keys: Vec<u64> = Vec::new();
+        for item in self.log.records(cursor.pos, end) {
+            let (pos, record) = item?;
+            let view = record.view();
+            let entry = ConsumeQueueEntry {
+                log_pos: pos,
+                size: view.len,
+                tag_hash: view.properties.get(keys::TAG).map_or(0, tag_hash),
+                store_timestamp_ms: view.store_timestamp_ms,
+            };
+            self.queues
+                .get_or_create(view.topic, view.queue_id)
+                .put(view.queue_offset, &entry)?;
+            index_keys.clear();
+            for (key, value) in view.properties.iter() {
+                match key {
+                    keys::MESSAGE_ID => index_keys.push(IndexKey::MessageId(value).hash()),
+                    keys::KEY => index_keys.push(
+                        IndexKey::Key {
+                            topic: view.topic,
+                            key: value,
+                        }
+                        .hash(),
+                    ),
+                    _ => {}
+                }
+            }
+            if !index_keys.is_empty() {
+                self.index
+                    .add(index_keys.iter().copied(), pos, view.store_timestamp_ms)?;
+            }
+            cursor.pos = record.end();
+            count += 1;
+            if count % 4096 == 0 {
+                self.publish_dispatched(cursor.pos);
+            }
+        }
+        // Past the last record there may be a segment's unused end.
+        cursor.pos = cursor.pos.max(end.min(self.log.written_pos()));
+        self.publish_dispatched(cursor.pos);
+        Ok(count)
+    }
+
+    fn publish_dispatched(&self, pos: LogPos) {
+        self.dispatched.store(pos.0, Ordering::Release);
+        let _guard = self
+            .dispatched_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.dispatched_changed.notify_all();
+    }
+
+    /// The checkpoint, in order: (1) fsync the commit log up to the dispatch position,
+    /// (2) fsync consume queues, (3) fsync the index, (4) write and fdatasync the checkpoint.
+    fn checkpoint(&self, cursor: &mut DispatchCursor, clean: bool) -> Result<()> {
+        let dispatched = cursor.pos;
+        let log_end = self.log.flush()?;
+        self.queues.flush()?;
+        self.index.flush()?;
+        cursor.checkpoint.write(&Checkpoint {
+            dispatched,
+            log_end,
+            clean,
+            timestamp_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        })?;
+        cursor.checkpointed = dispatched;
+        Ok(())
+    }
+
+    fn run_retention(&self, now: SystemTime) -> Result<RetentionReport> {
+        let Some(retention) = self.options.retention else {
+            return Ok(RetentionReport {
+                segments_removed: Vec::new(),
+                min_pos: self.log.min_pos(),
+            });
+        };
+        let older_than = now.checked_sub(retention).unwrap_or(UNIX_EPOCH);
+        let safe_end = self.lock_cursor().checkpointed;
+        let removed = self.log.delete_segments(older_than, safe_end)?;
+        let min_pos = self.log.min_pos();
+        if !removed.is_empty() {
+            self.queues.trim_below(min_pos)?;
+            self.index.trim_below(min_pos)?;
+            tracing::info!(segments = removed.len(), %min_pos, "retention removed segments");
+        }
+        Ok(RetentionReport {
+            segments_removed: removed,
+            min_pos,
+        })
+    }
+
+    fn check_disk_usage(&self) -> Result<DiskUsage> {
+        let usage = self.options.fs.disk_usage(&self.dir).at(&self.dir)?;
+        let ratio = usage.used_ratio();
+        let full = (ratio > self.options.disk_watermark).then(|| DiskFull {
+            path: self.dir.clone(),
+            usage_percent: ratio * 100.0,
+            watermark_percent: self.options.disk_watermark * 100.0,
+        });
+        if let Some(full) = &full {
+            tracing::warn!(
+                usage = full.usage_percent,
+                watermark = full.watermark_percent,
+                "disk above watermark; refusing appends"
+            );
+        }
+        self.log.set_disk_full(full);
+        Ok(usage)
+    }
+}
+
+/// Takes an exclusive lock on the data directory, so two processes never map the same files.
+#[allow(unsafe_code)]
+fn lock_dir(dir: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .at(&path)?;
+    // SAFETY: flock on a descriptor we own; it has no memory effects.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "the data directory is in use by another process",
+            ),
+        });
+    }
+    Ok(file)
+}
