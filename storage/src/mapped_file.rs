@@ -48,8 +48,16 @@ impl MappedFile {
     }
 
     /// Opens an existing file. A file shorter than `size_bytes` (cut by a crash or by hand)
-    /// is extended with zeros, which recovery reads as "never written".
+    /// is extended with zeros, which recovery reads as "never written"; `was_short` tells.
     pub(crate) fn open(path: &Path, base: u64, size_bytes: u64) -> Result<MappedFile> {
+        Ok(MappedFile::open_checked(path, base, size_bytes)?.0)
+    }
+
+    pub(crate) fn open_checked(
+        path: &Path,
+        base: u64,
+        size_bytes: u64,
+    ) -> Result<(MappedFile, bool)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -65,10 +73,11 @@ impl MappedFile {
                 ),
             });
         }
-        if len < size_bytes {
+        let was_short = len < size_bytes;
+        if was_short {
             file.set_len(size_bytes).at(path)?;
         }
-        MappedFile::map(path.to_path_buf(), file, base)
+        Ok((MappedFile::map(path.to_path_buf(), file, base)?, was_short))
     }
 
     fn map(path: PathBuf, file: File, base: u64) -> Result<MappedFile> {

@@ -222,6 +222,7 @@ impl MessageIndex {
                 last_log_pos: LogPos::ZERO,
             });
         }
+        let mut recovered = VecDeque::with_capacity(files.len());
         let mut newest = true;
         while let Some(mut file) = files.pop_back() {
             let count = valid_prefix(&file, shape, boundary);
@@ -248,8 +249,9 @@ impl MessageIndex {
                 }
             }
             newest = false;
-            files.push_front(file);
+            recovered.push_front(file);
         }
+        let files = recovered;
         Ok(MessageIndex {
             dir,
             shape,

@@ -23,17 +23,32 @@ struct WatchState {
     durable: u64,
     /// Set once when a flush fails: the log is read-only from then on.
     failure: Option<String>,
-    /// Records from this position on were removed before they became durable.
-    truncated_from: Option<u64>,
-    wakers: Vec<(u64, Waker)>,
+    /// Bumped by every truncation; a waiter remembers the generation it started in.
+    generation: u64,
+    /// `(generation, from)` of each truncation: waiters from an earlier generation for bytes
+    /// past `from` lost their records. Truncations are rare (one per lost election).
+    truncations: Vec<(u64, u64)>,
+    wakers: Vec<(Waiter, Waker)>,
+}
+
+/// What a waiter waits for: every byte below `end`, as of `generation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Waiter {
+    end: u64,
+    generation: u64,
 }
 
 impl WatchState {
-    fn outcome(&self, end: u64) -> Option<Result<()>> {
-        if let Some(from) = self.truncated_from
-            && end > from
+    fn outcome(&self, waiter: Waiter) -> Option<Result<()>> {
+        let end = waiter.end;
+        if let Some((_, from)) = self
+            .truncations
+            .iter()
+            .find(|(g, from)| *g > waiter.generation && end > *from)
         {
-            return Some(Err(Error::Truncated { from: LogPos(from) }));
+            return Some(Err(Error::Truncated {
+                from: LogPos(*from),
+            }));
         }
         if self.durable >= end {
             return Some(Ok(()));
@@ -72,12 +87,6 @@ impl DurabilityWatch {
         let ready = {
             let mut state = self.lock();
             state.durable = state.durable.max(durable.0);
-            if state
-                .truncated_from
-                .is_some_and(|from| state.durable >= from)
-            {
-                state.truncated_from = None;
-            }
             take_ready(&mut state)
         };
         self.changed.notify_all();
@@ -100,18 +109,27 @@ impl DurabilityWatch {
         let ready = {
             let mut state = self.lock();
             state.durable = state.durable.min(from.0);
-            state.truncated_from = Some(from.0);
+            state.generation += 1;
+            let generation = state.generation;
+            state.truncations.push((generation, from.0));
             take_ready(&mut state)
         };
         self.changed.notify_all();
         ready.into_iter().for_each(Waker::wake);
     }
 
-    /// Blocks until every byte below `end` is durable.
-    pub(crate) fn wait(&self, end: LogPos) -> Result<()> {
+    fn waiter(&self, end: LogPos) -> Waiter {
+        Waiter {
+            end: end.0,
+            generation: self.lock().generation,
+        }
+    }
+
+    /// Blocks until every byte below `waiter.end` is durable.
+    fn wait(&self, waiter: Waiter) -> Result<()> {
         let mut state = self.lock();
         loop {
-            if let Some(outcome) = state.outcome(end.0) {
+            if let Some(outcome) = state.outcome(waiter) {
                 return outcome;
             }
             state = self
@@ -140,17 +158,18 @@ fn take_ready(state: &mut WatchState) -> Vec<Waker> {
 #[derive(Debug)]
 pub struct Durable {
     watch: Arc<DurabilityWatch>,
-    end: LogPos,
+    waiter: Waiter,
 }
 
 impl Durable {
     pub(crate) fn new(watch: Arc<DurabilityWatch>, end: LogPos) -> Durable {
-        Durable { watch, end }
+        let waiter = watch.waiter(end);
+        Durable { watch, waiter }
     }
 
     /// Blocks the calling thread instead of awaiting.
     pub fn wait(self) -> Result<()> {
-        self.watch.wait(self.end)
+        self.watch.wait(self.waiter)
     }
 }
 
@@ -158,18 +177,17 @@ impl Future for Durable {
     type Output = Result<()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let waiter = self.waiter;
         let mut state = self.watch.lock();
-        if let Some(outcome) = state.outcome(self.end.0) {
+        if let Some(outcome) = state.outcome(waiter) {
             return Poll::Ready(outcome);
         }
-        let end = self.end.0;
-        match state
+        let known = state
             .wakers
-            .iter_mut()
-            .find(|(e, w)| *e == end && w.will_wake(cx.waker()))
-        {
-            Some(_) => {}
-            None => state.wakers.push((end, cx.waker().clone())),
+            .iter()
+            .any(|(w, waker)| *w == waiter && waker.will_wake(cx.waker()));
+        if !known {
+            state.wakers.push((waiter, cx.waker().clone()));
         }
         Poll::Pending
     }
@@ -206,16 +224,27 @@ mod tests {
     }
 
     #[test]
+    fn truncation_fails_earlier_waiters_past_the_cut_only() {
+        let watch = Arc::new(DurabilityWatch::new(LogPos(0)));
+        let before = Durable::new(watch.clone(), LogPos(50));
+        watch.truncate(LogPos(20));
+        assert!(matches!(before.wait(), Err(Error::Truncated { .. })));
+        let after = Durable::new(watch.clone(), LogPos(50));
+        watch.advance(LogPos(50));
+        assert!(after.wait().is_ok());
+    }
+
+    #[test]
     fn failure_releases_waiters_with_an_error() {
         let watch = Arc::new(DurabilityWatch::new(LogPos(0)));
-        let w = watch.clone();
-        let waiter = std::thread::spawn(move || w.wait(LogPos(10)));
+        let waiter = Durable::new(watch.clone(), LogPos(10));
+        let waiter = std::thread::spawn(move || waiter.wait());
         watch.fail("fsync: EIO".into());
         assert!(matches!(
             waiter.join().unwrap(),
             Err(Error::Poisoned { .. })
         ));
         // Bytes that were durable before the failure stay durable.
-        assert!(watch.wait(LogPos(0)).is_ok());
+        assert!(Durable::new(watch.clone(), LogPos(0)).wait().is_ok());
     }
 }

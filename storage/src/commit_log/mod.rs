@@ -114,7 +114,8 @@ impl CommitLog {
         scan_from: LogPos,
     ) -> Result<(CommitLog, ScanOutcome)> {
         std::fs::create_dir_all(dir).at(dir)?;
-        let mut segments = recovery::open_segments(dir, segment_size)?;
+        let (mut segments, first_short) = recovery::open_segments(dir, segment_size)?;
+        let scan_from = first_short.map_or(scan_from, |short| scan_from.min(short));
         if segments.is_empty() {
             segments.push_back(Arc::new(Segment::create(
                 dir,

@@ -33,7 +33,12 @@ pub(crate) struct ScanOutcome {
 }
 
 /// Opens every segment file in `dir`, oldest first, and checks that they are contiguous.
-pub(crate) fn open_segments(dir: &Path, segment_size: u64) -> Result<VecDeque<Arc<Segment>>> {
+/// Also returns the base of the first segment whose file was shorter than a segment: the
+/// checkpoint cannot vouch for what such a file lost, so recovery re-checks it from its start.
+pub(crate) fn open_segments(
+    dir: &Path,
+    segment_size: u64,
+) -> Result<(VecDeque<Arc<Segment>>, Option<LogPos>)> {
     let mut bases = Vec::new();
     for entry in std::fs::read_dir(dir).at(dir)? {
         let entry = entry.at(dir)?;
@@ -50,6 +55,7 @@ pub(crate) fn open_segments(dir: &Path, segment_size: u64) -> Result<VecDeque<Ar
     }
     bases.sort_unstable();
     let mut segments = VecDeque::with_capacity(bases.len());
+    let mut first_short = None;
     for (i, base) in bases.iter().enumerate() {
         let path = dir.join(Segment::file_name(*base));
         if base % segment_size != 0 {
@@ -68,9 +74,13 @@ pub(crate) fn open_segments(dir: &Path, segment_size: u64) -> Result<VecDeque<Ar
                 reason: "a segment is missing before this one",
             });
         }
-        segments.push_back(Arc::new(Segment::open(&path, *base, segment_size)?));
+        let (segment, was_short) = Segment::open_checked(&path, *base, segment_size)?;
+        if was_short && first_short.is_none() {
+            first_short = Some(LogPos(*base));
+        }
+        segments.push_back(Arc::new(segment));
     }
-    Ok(segments)
+    Ok((segments, first_short))
 }
 
 /// Checks records from `from` on and returns where the valid log ends.

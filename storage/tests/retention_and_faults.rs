@@ -1,0 +1,118 @@
+#![cfg(test)]
+//! Retention, the disk-usage watermark, and fail-stop after a failed flush.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use common::{FaultyFs, TestMessage, append_all, options_with};
+use ferrumq_storage::{Error, LogPos, MessageStore, QueueOffset, StoreOptions};
+
+#[test]
+fn retention_deletes_old_segments_but_never_the_active_one_and_trims_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        retention: Some(Duration::from_secs(3600)),
+        ..StoreOptions::for_tests()
+    };
+    let store = MessageStore::open(dir.path(), options).unwrap();
+    let appended = append_all(&store, 0..400, 1000);
+    assert!(store.wait_dispatched(appended.last().unwrap().end(), Duration::from_secs(5)));
+    store.checkpoint().unwrap();
+    let segments_before = std::fs::read_dir(dir.path().join("commitlog")).unwrap().count();
+    assert!(segments_before > 3);
+
+    // Nothing is an hour old yet.
+    let report = store.run_retention(SystemTime::now()).unwrap();
+    assert!(report.segments_removed.is_empty());
+
+    // Two hours later everything but the active segment has expired.
+    let later = SystemTime::now() + Duration::from_secs(7200);
+    let report = store.run_retention(later).unwrap();
+    assert_eq!(report.segments_removed.len(), segments_before - 1);
+    assert_eq!(std::fs::read_dir(dir.path().join("commitlog")).unwrap().count(), 1);
+    assert!(store.read(appended[0].pos).is_err());
+    assert!(store.read(appended[399].pos).is_ok());
+
+    // Every consume queue now starts at its first message still in the log.
+    for queue in store.consume_queues() {
+        if let Some(first) = queue.get(queue.min_offset()) {
+            assert!(first.log_pos >= report.min_pos);
+            assert!(store.read(first.log_pos).is_ok());
+        }
+        assert!(queue.min_offset() > QueueOffset(0));
+    }
+    // Appends go on; a restart keeps the trimmed view.
+    append_all(&store, 400..401, 1000);
+    drop(store);
+    let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
+    assert!(store.log().min_pos() > LogPos::ZERO);
+    for queue in store.consume_queues() {
+        if let Some(first) = queue.get(queue.min_offset()) {
+            assert!(store.read(first.log_pos).is_ok());
+        }
+    }
+}
+
+#[test]
+fn appends_are_refused_above_the_disk_watermark_and_accepted_again_below_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FaultyFs::default());
+    let store = MessageStore::open(
+        dir.path(),
+        StoreOptions {
+            disk_watermark: 0.90,
+            ..options_with(fs.clone())
+        },
+    )
+    .unwrap();
+    append_all(&store, 0..2, 10);
+
+    fs.used_per_mille.store(955, Ordering::SeqCst);
+    store.check_disk_usage().unwrap();
+    let before = store.log().written_pos();
+    let message = TestMessage::new(2, 10);
+    match store.append(&message.record()) {
+        Err(error @ Error::DiskFull { .. }) => {
+            let text = error.to_string();
+            assert!(text.contains("95.5%"), "{text}");
+            assert!(text.contains("90.0%"), "{text}");
+        }
+        other => panic!("expected DiskFull, got {other:?}"),
+    }
+    assert_eq!(store.log().written_pos(), before);
+
+    fs.used_per_mille.store(500, Ordering::SeqCst);
+    store.check_disk_usage().unwrap();
+    append_all(&store, 2..3, 10);
+}
+
+#[test]
+fn a_failed_flush_makes_the_log_refuse_appends_and_fail_waiters() {
+    // Fail-stop: once an fsync fails, nothing that was not durable before is ever acknowledged,
+    // and the log accepts nothing until a restart has recovered it.
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FaultyFs::default());
+    let store = MessageStore::open(dir.path(), options_with(fs.clone())).unwrap();
+    let durable = append_all(&store, 0..5, 100);
+
+    fs.fail_flush.store(true, Ordering::SeqCst);
+    let message = TestMessage::new(5, 100);
+    let appended = store.append(&message.record()).unwrap();
+    match store.durable(appended.end()).wait() {
+        Err(Error::Poisoned { reason }) => assert!(reason.contains("flush"), "{reason}"),
+        other => panic!("expected Poisoned, got {other:?}"),
+    }
+    assert!(matches!(store.append(&message.record()), Err(Error::Poisoned { .. })));
+    assert!(store.log().failure().is_some());
+    // What was durable before stays readable.
+    assert!(store.read(durable[4].pos).is_ok());
+
+    drop(store);
+    fs.fail_flush.store(false, Ordering::SeqCst);
+    let store = MessageStore::open(dir.path(), options_with(fs)).unwrap();
+    assert!(store.read(durable[4].pos).is_ok());
+    append_all(&store, 6..7, 100);
+}
