@@ -19,6 +19,9 @@ pub struct StoreOptions {
     /// How often the dispatcher writes a checkpoint; recovery re-checks at most the records
     /// written since the last one.
     pub checkpoint_interval: Duration,
+    /// A checkpoint is also written once this many bytes were dispatched since the last one,
+    /// so the tail recovery re-checks stays bounded however fast the log is written.
+    pub checkpoint_max_bytes: u64,
     /// Segments last modified longer ago than this are deleted; `None` keeps everything.
     pub retention: Option<Duration>,
     /// Appends are refused while the disk is fuller than this fraction (0.0–1.0).
@@ -39,6 +42,7 @@ impl Default for StoreOptions {
                 entries: 4 << 20,
             },
             checkpoint_interval: Duration::from_secs(1),
+            checkpoint_max_bytes: 128 << 20,
             retention: Some(Duration::from_secs(72 * 3600)),
             disk_watermark: 0.90,
             housekeeping_interval: Duration::from_secs(10),
@@ -55,6 +59,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("queue_entries_per_file", &self.queue_entries_per_file)
             .field("index_shape", &self.index_shape)
             .field("checkpoint_interval", &self.checkpoint_interval)
+            .field("checkpoint_max_bytes", &self.checkpoint_max_bytes)
             .field("retention", &self.retention)
             .field("disk_watermark", &self.disk_watermark)
             .field("housekeeping_interval", &self.housekeeping_interval)

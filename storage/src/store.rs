@@ -354,15 +354,25 @@ impl Inner {
         let mut failed = false;
         while !self.stopping.load(Ordering::Acquire) {
             let result = (|| -> Result<()> {
-                let end = self.log.dispatchable_end();
+                let max_bytes = self.options.checkpoint_max_bytes.max(1);
                 let mut cursor = self.lock_cursor();
-                if cursor.pos < end {
-                    self.dispatch(&mut cursor, end)?;
-                }
-                if last_checkpoint.elapsed() >= self.options.checkpoint_interval {
-                    last_checkpoint = Instant::now();
-                    if cursor.pos > cursor.checkpointed {
+                loop {
+                    // Dispatch in steps, so a checkpoint can fall between them.
+                    let end = self
+                        .log
+                        .dispatchable_end()
+                        .min(cursor.pos.advance(max_bytes));
+                    if cursor.pos < end {
+                        self.dispatch(&mut cursor, end)?;
+                    }
+                    let behind = cursor.pos.0 - cursor.checkpointed.0.min(cursor.pos.0);
+                    let due = last_checkpoint.elapsed() >= self.options.checkpoint_interval;
+                    if (due && behind > 0) || behind >= max_bytes {
+                        last_checkpoint = Instant::now();
                         self.checkpoint(&mut cursor, false)?;
+                    }
+                    if cursor.pos >= self.log.dispatchable_end() {
+                        break;
                     }
                 }
                 drop(cursor);
@@ -394,7 +404,8 @@ impl Inner {
     fn dispatch(&self, cursor: &mut DispatchCursor, end: LogPos) -> Result<u64> {
         let mut count = 0;
         let mut index_keys: Vec<u64> = Vec::new();
-        for item in self.log.records(cursor.pos, end) {
+        let mut records = self.log.records(cursor.pos, end);
+        for item in records.by_ref() {
             let (pos, record) = item?;
             let view = record.view();
             let entry = ConsumeQueueEntry {
@@ -430,8 +441,8 @@ impl Inner {
                 self.publish_dispatched(cursor.pos);
             }
         }
-        // Past the last record there may be a segment's unused end.
-        cursor.pos = cursor.pos.max(end.min(self.log.written_pos()));
+        // Past the last record there may be a segment's unused end, which the iterator skipped.
+        cursor.pos = cursor.pos.max(records.position());
         self.publish_dispatched(cursor.pos);
         Ok(count)
     }

@@ -1,4 +1,8 @@
 #![cfg(test)]
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "storage requires a 64-bit target, where these casts are lossless"
+)]
 //! The commit log: appends, reads, segment rolls, group commit, and replication hooks.
 
 mod common;
@@ -19,10 +23,15 @@ fn appended_records_read_back_across_segment_rolls() {
         let record = store.read(a.pos).unwrap();
         let view = record.view();
         assert_eq!(view.body, body_of(n as u64, 1024).as_slice());
-        assert_eq!(view.properties.get("UNIQ_KEY"), Some(message_id(n as u64).as_str()));
+        assert_eq!(
+            view.properties.get("UNIQ_KEY"),
+            Some(message_id(n as u64).as_str())
+        );
         assert_eq!(view.queue_offset, a.queue_offset);
     }
-    let segments = std::fs::read_dir(dir.path().join("commitlog")).unwrap().count();
+    let segments = std::fs::read_dir(dir.path().join("commitlog"))
+        .unwrap()
+        .count();
     assert!(segments >= 4, "expected several segments, found {segments}");
     // Queue offsets count per (topic, queue): message n goes to topic n%3, queue n%4.
     assert_eq!(appended[12].queue_offset, QueueOffset(1));
@@ -74,7 +83,9 @@ fn a_record_larger_than_a_segment_is_refused_and_nothing_is_written() {
     let big = TestMessage::new(1, 70 * 1024);
     let before = store.log().written_pos();
     match store.append(&big.record()) {
-        Err(Error::TooLarge { field: "record", .. }) => {}
+        Err(Error::TooLarge {
+            field: "record", ..
+        }) => {}
         other => panic!("expected TooLarge, got {other:?}"),
     }
     assert_eq!(store.log().written_pos(), before);

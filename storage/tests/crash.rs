@@ -1,4 +1,8 @@
 #![cfg(test)]
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "storage requires a 64-bit target, where these casts are lossless"
+)]
 //! A real crash: a child process appends in `sync` mode from several threads and prints each
 //! record once it is acknowledged (durable). The test kills it with SIGKILL at a random moment,
 //! reopens the store, and checks that every acknowledged record is present and intact, and
@@ -64,7 +68,12 @@ fn sigkill_never_loses_an_acknowledged_record() {
     for round in 0..kills {
         let stderr_path = logs.path().join(format!("child-{round}.stderr"));
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["crash_child_writer", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "crash_child_writer",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_DIR, dir.path())
             .env(CHILD_FIRST, (round * 1_000_000_000).to_string())
             .stdout(Stdio::piped())
@@ -76,11 +85,14 @@ fn sigkill_never_loses_an_acknowledged_record() {
         let reader = std::thread::spawn(move || {
             let mut acked = Vec::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let Some(rest) = line.strip_prefix("ACK ") else { continue };
+                let Some(rest) = line.strip_prefix("ACK ") else {
+                    continue;
+                };
                 let mut parts = rest.split(' ');
-                if let (Some(Ok(n)), Some(Ok(pos))) =
-                    (parts.next().map(str::parse::<u64>), parts.next().map(str::parse::<u64>))
-                {
+                if let (Some(Ok(n)), Some(Ok(pos))) = (
+                    parts.next().map(str::parse::<u64>),
+                    parts.next().map(str::parse::<u64>),
+                ) {
                     if acked.is_empty() {
                         let _ = first_ack.send(());
                     }
@@ -111,7 +123,10 @@ fn sigkill_never_loses_an_acknowledged_record() {
                 .read(LogPos(*pos))
                 .unwrap_or_else(|e| panic!("round {round}: acked message {n} at {pos} lost: {e}"));
             let view = record.view();
-            assert_eq!(view.properties.get("UNIQ_KEY"), Some(message_id(*n).as_str()));
+            assert_eq!(
+                view.properties.get("UNIQ_KEY"),
+                Some(message_id(*n).as_str())
+            );
             assert_eq!(view.body, body_of(*n, body_len(*n)).as_slice());
             let queue = store.consume_queue(view.topic, view.queue_id).unwrap();
             let entry = queue.get(view.queue_offset).unwrap();

@@ -1,4 +1,8 @@
 #![cfg(test)]
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "storage requires a 64-bit target, where these casts are lossless"
+)]
 //! Consume-queue look-ups (offset, time, tags) and index queries (id, key, time range).
 
 mod common;
@@ -31,7 +35,14 @@ fn consume_queue_lookups_by_offset_time_and_tag() {
     let offset = queue.offset_at_time(at);
     let found = queue.get(offset).unwrap();
     assert!(found.store_timestamp_ms >= at);
-    assert!(offset.0 == 0 || queue.get(QueueOffset(offset.0 - 1)).unwrap().store_timestamp_ms < at);
+    assert!(
+        offset.0 == 0
+            || queue
+                .get(QueueOffset(offset.0 - 1))
+                .unwrap()
+                .store_timestamp_ms
+                < at
+    );
     assert_eq!(queue.offset_at_time(i64::MAX), queue.max_offset());
     assert_eq!(queue.offset_at_time(0), QueueOffset(0));
 
@@ -55,7 +66,11 @@ fn query_by_id_and_by_key_within_a_time_range() {
         let topic = TestMessage::new(n, 0).topic;
         let by_key = store.query_by_key(&topic, &format!("key-{n}"), 0, i64::MAX, 10);
         assert_eq!(by_key.len(), 1);
-        assert!(store.query_by_key("other-topic", &format!("key-{n}"), 0, i64::MAX, 10).is_empty());
+        assert!(
+            store
+                .query_by_key("other-topic", &format!("key-{n}"), 0, i64::MAX, 10)
+                .is_empty()
+        );
     }
     assert!(store.query_by_id("MSG-NOPE", 0, i64::MAX).is_empty());
     // A time range that ends before the message was stored finds nothing.

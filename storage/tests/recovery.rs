@@ -1,4 +1,8 @@
 #![cfg(test)]
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "storage requires a 64-bit target, where these casts are lossless"
+)]
 //! Recovery: torn tails, flipped bits, derived structures rebuilt from the log, and the
 //! checkpoint bounding the work.
 
@@ -35,7 +39,11 @@ fn recovered_numbers(store: &MessageStore, body_len: usize) -> Vec<u64> {
             let view = record.view();
             let id = view.properties.get("UNIQ_KEY").unwrap();
             let n = u64::from_str_radix(id.trim_start_matches("MSG-"), 16).unwrap();
-            assert_eq!(view.body, body_of(n, body_len).as_slice(), "message {n} damaged");
+            assert_eq!(
+                view.body,
+                body_of(n, body_len).as_slice(),
+                "message {n} damaged"
+            );
             n
         })
         .collect()
@@ -161,10 +169,16 @@ fn recovery_after_a_crash_rechecks_only_the_tail_past_the_checkpoint() {
     };
     let store = MessageStore::open(dir.path(), options.clone()).unwrap();
     let first = append_all(&store, 0..300, 100);
-    assert!(store.wait_dispatched(first.last().unwrap().end(), std::time::Duration::from_secs(5)));
+    assert!(store.wait_dispatched(
+        first.last().unwrap().end(),
+        std::time::Duration::from_secs(5)
+    ));
     store.checkpoint().unwrap();
     let tail = append_all(&store, 300..340, 100);
-    assert!(store.wait_dispatched(tail.last().unwrap().end(), std::time::Duration::from_secs(5)));
+    assert!(store.wait_dispatched(
+        tail.last().unwrap().end(),
+        std::time::Duration::from_secs(5)
+    ));
     snapshot_dir(dir.path(), crashed.path());
     drop(store);
 

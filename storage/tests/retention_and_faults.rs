@@ -1,4 +1,8 @@
 #![cfg(test)]
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "storage requires a 64-bit target, where these casts are lossless"
+)]
 //! Retention, the disk-usage watermark, and fail-stop after a failed flush.
 
 mod common;
@@ -21,7 +25,9 @@ fn retention_deletes_old_segments_but_never_the_active_one_and_trims_queues() {
     let appended = append_all(&store, 0..400, 1000);
     assert!(store.wait_dispatched(appended.last().unwrap().end(), Duration::from_secs(5)));
     store.checkpoint().unwrap();
-    let segments_before = std::fs::read_dir(dir.path().join("commitlog")).unwrap().count();
+    let segments_before = std::fs::read_dir(dir.path().join("commitlog"))
+        .unwrap()
+        .count();
     assert!(segments_before > 3);
 
     // Nothing is an hour old yet.
@@ -32,7 +38,12 @@ fn retention_deletes_old_segments_but_never_the_active_one_and_trims_queues() {
     let later = SystemTime::now() + Duration::from_secs(7200);
     let report = store.run_retention(later).unwrap();
     assert_eq!(report.segments_removed.len(), segments_before - 1);
-    assert_eq!(std::fs::read_dir(dir.path().join("commitlog")).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("commitlog"))
+            .unwrap()
+            .count(),
+        1
+    );
     assert!(store.read(appended[0].pos).is_err());
     assert!(store.read(appended[399].pos).is_ok());
 
@@ -105,7 +116,10 @@ fn a_failed_flush_makes_the_log_refuse_appends_and_fail_waiters() {
         Err(Error::Poisoned { reason }) => assert!(reason.contains("flush"), "{reason}"),
         other => panic!("expected Poisoned, got {other:?}"),
     }
-    assert!(matches!(store.append(&message.record()), Err(Error::Poisoned { .. })));
+    assert!(matches!(
+        store.append(&message.record()),
+        Err(Error::Poisoned { .. })
+    ));
     assert!(store.log().failure().is_some());
     // What was durable before stays readable.
     assert!(store.read(durable[4].pos).is_ok());

@@ -690,6 +690,13 @@ pub struct Records<'a> {
     to: LogPos,
 }
 
+impl Records<'_> {
+    /// Where the next record would start: past every record and segment end consumed so far.
+    pub fn position(&self) -> LogPos {
+        self.pos.min(self.log.written_pos())
+    }
+}
+
 impl Iterator for Records<'_> {
     type Item = Result<(LogPos, StoredRecord)>;
 
@@ -716,8 +723,9 @@ impl Iterator for Records<'_> {
                     self.pos = segment_end;
                 }
                 Err(e) => {
-                    self.pos = self.to;
-                    return Some(Err(e));
+                    let error = Some(Err(e));
+                    self.to = self.pos;
+                    return error;
                 }
             }
         }

@@ -25,7 +25,7 @@ impl TestMessage {
         let properties = Properties::new()
             .with("UNIQ_KEY", &message_id(n))
             .unwrap()
-            .with("TAGS", if n % 2 == 0 { "even" } else { "odd" })
+            .with("TAGS", if n.is_multiple_of(2) { "even" } else { "odd" })
             .unwrap()
             .with("KEYS", &format!("key-{n}"))
             .unwrap();
@@ -63,7 +63,7 @@ pub fn body_of(n: u64, len: usize) -> Vec<u8> {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            state as u8
+            state.to_le_bytes()[0]
         })
         .collect()
 }
@@ -130,7 +130,11 @@ pub fn options_with(fs: Arc<FaultyFs>) -> StoreOptions {
 }
 
 /// Appends messages `range` and waits until each is durable.
-pub fn append_all(store: &MessageStore, range: std::ops::Range<u64>, body_len: usize) -> Vec<ferrumq_storage::Appended> {
+pub fn append_all(
+    store: &MessageStore,
+    range: std::ops::Range<u64>,
+    body_len: usize,
+) -> Vec<ferrumq_storage::Appended> {
     let mut out = Vec::new();
     for n in range {
         let message = TestMessage::new(n, body_len);
