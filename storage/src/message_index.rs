@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use crate::consume_queue::{fnv1a, numbered_files};
+use crate::consume_queue::{fnv1a_parts, numbered_files};
 use crate::error::{Error, IoContext, Result};
 use crate::fs::FileSystem;
 use crate::mapped_file::MappedFile;
@@ -35,21 +35,14 @@ pub enum IndexKey<'a> {
 }
 
 impl IndexKey<'_> {
+    /// FNV-1a over the key's parts, without building the key in memory (dispatch hot path).
     pub(crate) fn hash(&self) -> u64 {
-        let mut buf = Vec::with_capacity(64);
         match self {
-            IndexKey::MessageId(id) => {
-                buf.push(b'I');
-                buf.extend_from_slice(id.as_bytes());
-            }
+            IndexKey::MessageId(id) => fnv1a_parts(&[b"I", id.as_bytes()]),
             IndexKey::Key { topic, key } => {
-                buf.push(b'K');
-                buf.extend_from_slice(topic.as_bytes());
-                buf.push(0);
-                buf.extend_from_slice(key.as_bytes());
+                fnv1a_parts(&[b"K", topic.as_bytes(), &[0], key.as_bytes()])
             }
         }
-        fnv1a(&buf)
     }
 }
 
