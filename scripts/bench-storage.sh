@@ -21,8 +21,10 @@ run() { # name field args...
 echo "== machine limits (median of $runs)"
 "$bench" machine --runs "$runs" --dir "$data"
 echo "== storage (median of $runs runs each)"
-run "async 1 KiB, MB/s"                    mb_per_s storage --flush async --size 1024 --count 2000000 --writers 2
-run "sync 64 writers 1 KiB, records/s"     messages_per_s storage --flush sync --size 1024 --count 300000 --writers 64
-run "sync 64 writers 1 KiB, records/fsync" records_per_fsync storage --flush sync --size 1024 --count 300000 --writers 64
-run "sync 1024 writers 1 KiB, MB/s"        mb_per_s storage --flush sync --size 1024 --count 300000 --writers 1024
+run "async 1 KiB, 0.9 GB (one segment), MB/s" mb_per_s storage --flush async --size 1024 --count 900000 --writers 2
+run "async 1 KiB, 2.2 GB, MB/s"             mb_per_s storage --flush async --size 1024 --count 2000000 --writers 2
+run "sync 64 writers 1 KiB, records/s"      messages_per_s storage --flush sync --size 1024 --count 300000 --writers 64
+run "sync 64 writers 1 KiB, records/fsync"  records_per_fsync storage --flush sync --size 1024 --count 300000 --writers 64
+run "sync 1024 writers 1 KiB, MB/s"         mb_per_s storage --flush sync --size 1024 --count 300000 --writers 1024
 run "recovery after SIGKILL, 1 GiB log, ms" open_ms recovery --log-size 1GiB
+run "recovery after SIGKILL, 10 GiB log, ms" open_ms recovery --log-size 10GiB

@@ -22,10 +22,13 @@ const SLOT_STRIDE: u64 = 512;
 /// What a checkpoint promises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Checkpoint {
-    /// Every record below this is durable in the commit log, and its consume-queue and index
-    /// entries are durable too.
+    /// Every record below this was dispatched and its consume-queue and index entries are
+    /// durable. In `sync` mode the records themselves are durable too; in `async` mode the log
+    /// may be durable only up to `log_end`, and recovery cuts derived data back to the log's
+    /// valid end if an operating-system crash lost the rest.
     pub dispatched: LogPos,
-    /// The durable end of the commit log when the checkpoint was taken.
+    /// The durable end of the commit log when the checkpoint was taken (flushed first for a
+    /// clean checkpoint).
     pub log_end: LogPos,
     /// Written by a clean shutdown; cleared by the first checkpoint after opening.
     pub clean: bool,

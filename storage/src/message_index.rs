@@ -145,6 +145,34 @@ impl IndexFile {
         self.last_log_pos = log_pos;
     }
 
+    /// Points every slot that names an entry at or past `count` back at the newest entry of
+    /// its chain below `count`, following the dropped entries' `prev` links. Slots of entries
+    /// below `count` were made durable with them by the checkpoint that covered them, so only
+    /// slots changed after it can be wrong. Cost: one pass over the slots plus the dropped
+    /// entries, not the whole file. Returns false when a dropped entry it needs is unreadable
+    /// (torn by an operating-system crash); then only `rebuild_slots` can help.
+    fn repair_slots(&mut self, shape: IndexShape) -> bool {
+        for slot in 0..shape.slots {
+            let mut newest = self.slot(shape, slot);
+            if newest <= self.count {
+                continue;
+            }
+            while newest > self.count {
+                match self.entry(shape, newest - 1) {
+                    Some(entry)
+                        if (entry.key_hash % u64::from(shape.slots)) as u32 == slot
+                            && entry.prev < newest =>
+                    {
+                        newest = entry.prev;
+                    }
+                    _ => return false,
+                }
+            }
+            self.set_slot(shape, slot, newest);
+        }
+        true
+    }
+
     /// Recomputes every slot from the entries (after a crash the slots may point at entries
     /// that did not survive).
     fn rebuild_slots(&mut self, shape: IndexShape) {
@@ -233,9 +261,13 @@ impl MessageIndex {
                 }
             }
             if newest {
+                let repaired = clean || file.repair_slots(shape);
                 file.map.discard_from(shape.entry_at(count), fs.as_ref())?;
-                if !clean {
+                if !repaired {
+                    tracing::warn!(path = %file.map.path().display(), "index slots unrepairable; rebuilding them from every entry");
                     file.rebuild_slots(shape);
+                }
+                if !clean {
                     file.map
                         .sync(fs.as_ref(), 0, shape.entry_at(count))
                         .at(file.map.path())?;

@@ -13,6 +13,9 @@ pub struct StoreOptions {
     /// Size of each commit-log segment file. Fixed for the life of a data directory.
     pub segment_size_bytes: u64,
     pub flush: FlushMode,
+    /// In `sync` mode the flusher waits up to this long for a batch as large as its last one
+    /// before it flushes (see the commit log's group commit); zero flushes at once.
+    pub group_commit_window: Duration,
     /// Entries per consume-queue file (32 bytes each).
     pub queue_entries_per_file: u64,
     pub index_shape: IndexShape,
@@ -22,6 +25,9 @@ pub struct StoreOptions {
     /// A checkpoint is also written once this many bytes were dispatched since the last one,
     /// so the tail recovery re-checks stays bounded however fast the log is written.
     pub checkpoint_max_bytes: u64,
+    /// Appends wait while the dispatcher is further than this behind the written end. With
+    /// `checkpoint_max_bytes` it bounds what recovery re-checks after a crash.
+    pub max_dispatch_lag_bytes: u64,
     /// Segments last modified longer ago than this are deleted; `None` keeps everything.
     pub retention: Option<Duration>,
     /// Appends are refused while the disk is fuller than this fraction (0.0–1.0).
@@ -36,13 +42,15 @@ impl Default for StoreOptions {
         StoreOptions {
             segment_size_bytes: 1 << 30,
             flush: FlushMode::Sync,
+            group_commit_window: Duration::from_micros(200),
             queue_entries_per_file: 300_000,
             index_shape: IndexShape {
                 slots: 1 << 20,
                 entries: 4 << 20,
             },
             checkpoint_interval: Duration::from_secs(1),
-            checkpoint_max_bytes: 128 << 20,
+            checkpoint_max_bytes: 64 << 20,
+            max_dispatch_lag_bytes: 64 << 20,
             retention: Some(Duration::from_secs(72 * 3600)),
             disk_watermark: 0.90,
             housekeeping_interval: Duration::from_secs(10),
@@ -56,10 +64,12 @@ impl std::fmt::Debug for StoreOptions {
         f.debug_struct("StoreOptions")
             .field("segment_size_bytes", &self.segment_size_bytes)
             .field("flush", &self.flush)
+            .field("group_commit_window", &self.group_commit_window)
             .field("queue_entries_per_file", &self.queue_entries_per_file)
             .field("index_shape", &self.index_shape)
             .field("checkpoint_interval", &self.checkpoint_interval)
             .field("checkpoint_max_bytes", &self.checkpoint_max_bytes)
+            .field("max_dispatch_lag_bytes", &self.max_dispatch_lag_bytes)
             .field("retention", &self.retention)
             .field("disk_watermark", &self.disk_watermark)
             .field("housekeeping_interval", &self.housekeeping_interval)

@@ -110,6 +110,30 @@ fn async_mode_flushes_on_its_interval() {
 }
 
 #[test]
+fn async_mode_writes_through_the_mapping_across_segment_rolls() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        flush: FlushMode::Async {
+            interval: Duration::from_millis(20),
+        },
+        ..StoreOptions::for_tests()
+    };
+    let store = MessageStore::open(dir.path(), options.clone()).unwrap();
+    let appended: Vec<_> = (0..500)
+        .map(|n| store.append(&TestMessage::new(n, 700).record()).unwrap())
+        .collect();
+    assert!(appended.last().unwrap().pos.0 > 4 * store.log().segment_size());
+    for (n, a) in appended.iter().enumerate() {
+        let record = store.read(a.pos).unwrap();
+        assert_eq!(record.view().body, body_of(n as u64, 700).as_slice());
+    }
+    drop(store);
+    let store = MessageStore::open(dir.path(), options).unwrap();
+    assert_eq!(store.log().written_pos(), appended.last().unwrap().end());
+    assert!(store.read(appended[499].pos).is_ok());
+}
+
+#[test]
 fn committed_watermark_holds_dispatch_back() {
     // A replication layer holds dispatch at the committed position; consume queues stop there.
     let dir = tempfile::tempdir().unwrap();

@@ -3,11 +3,12 @@
     clippy::cast_possible_truncation,
     reason = "storage requires a 64-bit target, where these casts are lossless"
 )]
-//! A real crash: a child process appends in `sync` mode from several threads and prints each
-//! record once it is acknowledged (durable). The test kills it with SIGKILL at a random moment,
-//! reopens the store, and checks that every acknowledged record is present and intact, and
-//! that its consume-queue entry exists. Repeated `FERRUMQ_CRASH_KILLS` times (default 20) on
-//! one data directory, so recoveries stack.
+//! A real crash: a child process appends from several threads and prints each record once it is
+//! acknowledged: durable in `sync` mode, written in `async` mode (a process crash leaves the
+//! page cache, so it must not lose a written record either). The test kills it with SIGKILL at
+//! a random moment, reopens the store, and checks that every acknowledged record is present
+//! and intact, and that its consume-queue entry exists. Repeated `FERRUMQ_CRASH_KILLS` times
+//! (default 20; half of that in `async` mode) on one data directory, so recoveries stack.
 
 mod common;
 
@@ -17,10 +18,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{TestMessage, body_of, message_id};
-use ferrumq_storage::{LogPos, MessageStore, StoreOptions};
+use ferrumq_storage::{FlushMode, LogPos, MessageStore, StoreOptions};
 
 const CHILD_DIR: &str = "FERRUMQ_CRASH_CHILD_DIR";
 const CHILD_FIRST: &str = "FERRUMQ_CRASH_CHILD_FIRST";
+const CHILD_ASYNC: &str = "FERRUMQ_CRASH_CHILD_ASYNC";
+
+fn options(asynchronous: bool) -> StoreOptions {
+    let flush = if asynchronous {
+        FlushMode::Async {
+            interval: Duration::from_millis(20),
+        }
+    } else {
+        FlushMode::Sync
+    };
+    StoreOptions {
+        flush,
+        ..StoreOptions::for_tests()
+    }
+}
 
 fn body_len(n: u64) -> usize {
     (n % 7) as usize * 150
@@ -33,7 +49,8 @@ fn crash_child_writer() {
         return;
     };
     let first: u64 = first.parse().unwrap();
-    let store = Arc::new(MessageStore::open(dir.as_ref(), StoreOptions::for_tests()).unwrap());
+    let asynchronous = std::env::var_os(CHILD_ASYNC).is_some();
+    let store = Arc::new(MessageStore::open(dir.as_ref(), options(asynchronous)).unwrap());
     let writers: Vec<_> = (0..4u64)
         .map(|t| {
             let store = store.clone();
@@ -42,7 +59,9 @@ fn crash_child_writer() {
                     let n = first + i * 4 + t;
                     let message = TestMessage::new(n, body_len(n));
                     let appended = store.append(&message.record()).unwrap();
-                    store.durable(appended.end()).wait().unwrap();
+                    if !asynchronous {
+                        store.durable(appended.end()).wait().unwrap();
+                    }
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "ACK {n} {}", appended.pos.0).unwrap();
                     out.flush().unwrap();
@@ -55,19 +74,35 @@ fn crash_child_writer() {
     }
 }
 
-#[test]
-fn sigkill_never_loses_an_acknowledged_record() {
-    let kills: u64 = std::env::var("FERRUMQ_CRASH_KILLS")
+fn crash_kills() -> u64 {
+    std::env::var("FERRUMQ_CRASH_KILLS")
         .ok()
         .and_then(|k| k.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(20)
+}
+
+#[test]
+fn sigkill_never_loses_an_acknowledged_record() {
+    kill_loop(false, crash_kills());
+}
+
+#[test]
+fn sigkill_in_async_mode_never_loses_a_written_record() {
+    kill_loop(true, crash_kills().div_ceil(2));
+}
+
+fn kill_loop(asynchronous: bool, kills: u64) {
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut total_acked = 0usize;
     for round in 0..kills {
         let stderr_path = logs.path().join(format!("child-{round}.stderr"));
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        if asynchronous {
+            command.env(CHILD_ASYNC, "1");
+        }
+        let mut child = command
             .args([
                 "crash_child_writer",
                 "--exact",
@@ -117,7 +152,7 @@ fn sigkill_never_loses_an_acknowledged_record() {
         );
         total_acked += acked.len();
 
-        let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
+        let store = MessageStore::open(dir.path(), options(asynchronous)).unwrap();
         for (n, pos) in &acked {
             let record = store
                 .read(LogPos(*pos))

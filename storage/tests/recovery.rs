@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{TestMessage, append_all, body_of, snapshot_dir};
+use common::{TestMessage, append_all, body_of, message_id, snapshot_dir};
 use ferrumq_storage::{ConsumeQueueEntry, LogPos, MessageStore, QueueOffset, StoreOptions};
 use proptest::prelude::*;
 
@@ -190,6 +190,12 @@ fn recovery_after_a_crash_rechecks_only_the_tail_past_the_checkpoint() {
     assert_eq!(recovered_numbers(&store, 100), (0..340).collect::<Vec<_>>());
     let total: usize = all_entries(&store).values().map(Vec::len).sum();
     assert_eq!(total, 340);
+    // The index answers for every message: its slots, which the crash left pointing at the
+    // tail's entries, were repaired before the tail was indexed again.
+    for n in 0..340 {
+        let hits = store.query_by_id(&message_id(n), 0, i64::MAX);
+        assert_eq!(hits.len(), 1, "message {n}");
+    }
     // New appends continue every queue's offsets without a gap.
     let next = append_all(&store, 340..341, 100);
     let queue = store.consume_queue("topic-1", 0).unwrap();

@@ -14,6 +14,18 @@ use std::time::{Duration, SystemTime};
 use common::{FaultyFs, TestMessage, append_all, options_with};
 use ferrumq_storage::{Error, LogPos, MessageStore, QueueOffset, StoreOptions};
 
+/// Segment files holding part of the log: the next segment, created ahead of time, does not.
+fn log_segments(store: &MessageStore) -> usize {
+    let written = store.log().written_pos();
+    std::fs::read_dir(store.dir().join("commitlog"))
+        .unwrap()
+        .filter(|entry| {
+            let name = entry.as_ref().unwrap().file_name();
+            name.to_str().unwrap().parse::<u64>().unwrap() <= written.0
+        })
+        .count()
+}
+
 #[test]
 fn retention_deletes_old_segments_but_never_the_active_one_and_trims_queues() {
     let dir = tempfile::tempdir().unwrap();
@@ -25,9 +37,7 @@ fn retention_deletes_old_segments_but_never_the_active_one_and_trims_queues() {
     let appended = append_all(&store, 0..400, 1000);
     assert!(store.wait_dispatched(appended.last().unwrap().end(), Duration::from_secs(5)));
     store.checkpoint().unwrap();
-    let segments_before = std::fs::read_dir(dir.path().join("commitlog"))
-        .unwrap()
-        .count();
+    let segments_before = log_segments(&store);
     assert!(segments_before > 3);
 
     // Nothing is an hour old yet.
@@ -38,12 +48,7 @@ fn retention_deletes_old_segments_but_never_the_active_one_and_trims_queues() {
     let later = SystemTime::now() + Duration::from_secs(7200);
     let report = store.run_retention(later).unwrap();
     assert_eq!(report.segments_removed.len(), segments_before - 1);
-    assert_eq!(
-        std::fs::read_dir(dir.path().join("commitlog"))
-            .unwrap()
-            .count(),
-        1
-    );
+    assert_eq!(log_segments(&store), 1);
     assert!(store.read(appended[0].pos).is_err());
     assert!(store.read(appended[399].pos).is_ok());
 

@@ -1,7 +1,11 @@
 //! The commit log: one append-only log of records for all topics, in fixed-size segments.
 //!
-//! Appends serialize on one writer lock, which copies the record into the mapped active segment
-//! and publishes the new write position. Durability is the flusher thread's job: it flushes
+//! Appends serialize on one writer lock, which encodes the record into a reusable buffer, copies
+//! it into the active segment and publishes the new write position; readers see it through the
+//! segment's mapping. In `sync` mode the copy is a `pwrite`: pages written that way are cheap
+//! to flush again and again, while pages dirtied through a mapping must be write-protected and
+//! faulted back in around every flush. In `async` mode, where flushes are rare, the copy goes
+//! straight into the mapping, whose pages are faulted in ahead of the writer a chunk at a time. Durability is the flusher thread's job: it flushes
 //! everything written since its last flush in one call and then releases every caller waiting
 //! for a position it covered (group commit). After a failed flush the log is fail-stop: it
 //! refuses appends until the process restarts and recovery decides what is on disk.
@@ -60,18 +64,28 @@ pub struct FlushStats {
     pub flushed_bytes: u64,
 }
 
+/// In `async` mode the preparer keeps the pages between one and two of these ahead of the
+/// writer faulted in.
+const POPULATE_CHUNK: u64 = 4 << 20;
+
+/// The writer's encode buffer is cut back to this after an unusually large batch.
+const MAX_KEPT_PENDING_CAPACITY: usize = 4 << 20;
+
 /// Next queue offset per topic and queue id.
 pub(crate) type QueueOffsets = HashMap<String, HashMap<u32, u64>>;
 
 pub struct CommitLog {
     shared: Arc<Shared>,
-    flusher: Mutex<Option<JoinHandle<()>>>,
+    /// The flusher and the segment preparer.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct Shared {
     dir: PathBuf,
     segment_size: u64,
     flush_mode: FlushMode,
+    /// In `sync` mode, how long the flusher may wait for a batch as large as its last one.
+    group_commit_window: Duration,
     fs: Arc<dyn FileSystem>,
     /// Oldest first; every segment is `segment_size` bytes and they are contiguous.
     segments: RwLock<VecDeque<Arc<Segment>>>,
@@ -79,6 +93,11 @@ struct Shared {
     /// Every byte below this is written; published after the copy (Release).
     written: AtomicU64,
     flushed: AtomicU64,
+    /// Records published so far (since open), for sizing group-commit batches.
+    published_records: AtomicU64,
+    /// In `sync` mode, the parked flusher wants a wake-up once `published_records` reaches
+    /// this; `u64::MAX` while it is awake, so appenders skip the wake-up system call.
+    flusher_wake_at: AtomicU64,
     /// Held while a flush runs, so flushes never overlap and `flushed` only grows.
     flush_lock: Mutex<()>,
     /// Dispatch may not pass this (a replication layer's "committed up to"); `u64::MAX` when
@@ -89,14 +108,26 @@ struct Shared {
     flushed_bytes: AtomicU64,
     shutting_down: std::sync::atomic::AtomicBool,
     flusher_thread: OnceLock<Thread>,
+    /// The next segment, created ahead of time by the preparer thread so that a roll does
+    /// not wait for a file to be created and synced.
+    prepared: Mutex<Option<Arc<Segment>>>,
+    preparer_thread: OnceLock<Thread>,
+    /// In `async` mode, the log position up to which the writer wants pages faulted in.
+    populate_wanted: AtomicU64,
     /// Woken whenever the dispatchable end moves (the dispatcher).
     progress_listener: OnceLock<Thread>,
+    /// True while the listener is parked in `park_listener`; appenders wake it only then.
+    listener_parked: std::sync::atomic::AtomicBool,
 }
 
 struct Writer {
     active: Arc<Segment>,
-    /// Write offset inside the active segment.
+    /// Write offset inside the active segment, counting the pending bytes.
     offset: usize,
+    /// Records encoded but not yet written; they belong at `offset - pending.len()`.
+    pending: Vec<u8>,
+    /// In `async` mode, the log position up to which the preparer was asked to fault pages in.
+    populate_requested: u64,
     next_offsets: QueueOffsets,
     last_store_timestamp_ms: i64,
     /// Set by the disk-usage check: appends are refused while it is `Some`.
@@ -110,6 +141,7 @@ impl CommitLog {
         dir: &Path,
         segment_size: u64,
         flush_mode: FlushMode,
+        group_commit_window: Duration,
         fs: Arc<dyn FileSystem>,
         scan_from: LogPos,
     ) -> Result<(CommitLog, ScanOutcome)> {
@@ -134,6 +166,8 @@ impl CommitLog {
         let writer = Writer {
             active,
             offset,
+            pending: Vec::new(),
+            populate_requested: 0,
             next_offsets: outcome.next_offsets.clone(),
             last_store_timestamp_ms: outcome.last_store_timestamp_ms,
             disk_full: None,
@@ -143,11 +177,14 @@ impl CommitLog {
             dir: dir.to_path_buf(),
             segment_size,
             flush_mode,
+            group_commit_window,
             fs,
             segments: RwLock::new(segments),
             writer: Mutex::new(writer),
             written: AtomicU64::new(end),
             flushed: AtomicU64::new(end),
+            published_records: AtomicU64::new(0),
+            flusher_wake_at: AtomicU64::new(0),
             flush_lock: Mutex::new(()),
             committed: AtomicU64::new(u64::MAX),
             durability: Arc::new(DurabilityWatch::new(LogPos(end))),
@@ -155,7 +192,11 @@ impl CommitLog {
             flushed_bytes: AtomicU64::new(0),
             shutting_down: false.into(),
             flusher_thread: OnceLock::new(),
+            prepared: Mutex::new(None),
+            preparer_thread: OnceLock::new(),
+            populate_wanted: AtomicU64::new(0),
             progress_listener: OnceLock::new(),
+            listener_parked: false.into(),
         });
         let flusher = {
             let shared = shared.clone();
@@ -165,9 +206,17 @@ impl CommitLog {
                 .at(dir)?
         };
         let _ = shared.flusher_thread.set(flusher.thread().clone());
+        let preparer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("ferrumq-segment-prep".into())
+                .spawn(move || shared.run_preparer())
+                .at(dir)?
+        };
+        let _ = shared.preparer_thread.set(preparer.thread().clone());
         let log = CommitLog {
             shared,
-            flusher: Mutex::new(Some(flusher)),
+            threads: Mutex::new(vec![flusher, preparer]),
         };
         Ok((log, outcome))
     }
@@ -178,7 +227,8 @@ impl CommitLog {
         let len = self.checked_len(record)?;
         let mut writer = self.lock_writer();
         let appended = self.append_locked(&mut writer, record, len)?;
-        self.shared.publish(appended.end());
+        self.write_pending(&mut writer)?;
+        self.shared.publish(appended.end(), 1);
         Ok(appended)
     }
 
@@ -191,22 +241,30 @@ impl CommitLog {
         }
         let mut writer = self.lock_writer();
         let mut end = None;
+        let first = out.len();
+        let mut result = Ok(());
         for (record, len) in records.iter().zip(lens) {
-            let appended = self.append_locked(&mut writer, record, len)?;
-            end = Some(appended.end());
-            out.push(appended);
+            match self.append_locked(&mut writer, record, len) {
+                Ok(appended) => {
+                    end = Some(appended.end());
+                    out.push(appended);
+                }
+                Err(e) => {
+                    // The records before it already hold queue offsets: write them anyway.
+                    result = Err(e);
+                    break;
+                }
+            }
         }
+        self.write_pending(&mut writer)?;
         if let Some(end) = end {
-            self.shared.publish(end);
+            self.shared.publish(end, (out.len() - first) as u64);
         }
-        Ok(())
+        result
     }
 
     /// Resolves when every byte below `end` is durable.
     pub fn durable(&self, end: LogPos) -> Durable {
-        if self.shared.flush_mode == FlushMode::Sync {
-            self.shared.wake_flusher();
-        }
         Durable::new(self.shared.durability.clone(), end)
     }
 
@@ -348,9 +406,15 @@ impl CommitLog {
             .at(&self.shared.dir)?;
         let offset = (from.0 - active.base()) as usize;
         let end = (written.0 - active.base()).min(self.shared.segment_size) as usize;
-        active.bytes_mut(offset, end).fill(0);
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(ZEROS.len());
+            active.write_at(at, &ZEROS[..n]).at(active.path())?;
+            at += n;
+        }
         active
-            .sync(self.shared.fs.as_ref(), offset, end)
+            .sync_data(self.shared.fs.as_ref())
             .at(active.path())?;
         writer.active = active;
         writer.offset = offset;
@@ -404,6 +468,18 @@ impl CommitLog {
         let _ = self.shared.progress_listener.set(thread);
     }
 
+    /// Parks the progress listener (the calling thread) until the dispatchable end passes
+    /// `seen` or `timeout` passes. Appenders make the wake-up system call only while it is
+    /// parked here, not once per record.
+    pub(crate) fn park_listener(&self, seen: LogPos, timeout: Duration) {
+        self.shared.listener_parked.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.dispatchable_end() <= seen {
+            std::thread::park_timeout(timeout);
+        }
+        self.shared.listener_parked.store(false, Ordering::SeqCst);
+    }
+
     pub(crate) fn seed_queue_offsets(&self, offsets: impl IntoIterator<Item = (String, u32, u64)>) {
         let mut writer = self.lock_writer();
         for (topic, queue_id, next) in offsets {
@@ -422,12 +498,10 @@ impl CommitLog {
         let result = self.shared.flush();
         self.shared.shutting_down.store(true, Ordering::Release);
         self.shared.wake_flusher();
-        let handle = self
-            .flusher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
+        self.shared.wake_preparer();
+        let handles =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for handle in handles {
             let _ = handle.join();
         }
         result.map(|_| ())
@@ -477,8 +551,14 @@ impl CommitLog {
         let store_timestamp_ms = now_ms().max(writer.last_store_timestamp_ms);
         writer.last_store_timestamp_ms = store_timestamp_ms;
         let start = writer.offset;
-        let dst = writer.active.bytes_mut(start, start + len);
-        record::encode_into(record, queue_offset, store_timestamp_ms, dst);
+        let from = writer.pending.len();
+        writer.pending.resize(from + len, 0);
+        record::encode_into(
+            record,
+            queue_offset,
+            store_timestamp_ms,
+            &mut writer.pending[from..],
+        );
         writer.offset += len;
         Ok(Appended {
             pos: writer.active.base_pos().advance(start as u64),
@@ -488,25 +568,62 @@ impl CommitLog {
         })
     }
 
+    /// Writes the pending records into the active segment. A failed write makes the log
+    /// fail-stop, as a failed flush does: what reached the file is for recovery to judge.
+    fn write_pending(&self, writer: &mut Writer) -> Result<()> {
+        if writer.pending.is_empty() {
+            return Ok(());
+        }
+        let start = writer.offset - writer.pending.len();
+        let written = match self.shared.flush_mode {
+            FlushMode::Sync => writer.active.write_at(start, &writer.pending),
+            FlushMode::Async { .. } => {
+                let end = writer.active.base() + writer.offset as u64;
+                if end + POPULATE_CHUNK > writer.populate_requested {
+                    writer.populate_requested =
+                        (end + 2 * POPULATE_CHUNK) / POPULATE_CHUNK * POPULATE_CHUNK;
+                    self.shared
+                        .populate_wanted
+                        .store(writer.populate_requested, Ordering::Release);
+                    self.shared.wake_preparer();
+                }
+                writer
+                    .active
+                    .bytes_mut(start, writer.offset)
+                    .copy_from_slice(&writer.pending);
+                Ok(())
+            }
+        };
+        writer.pending.clear();
+        if writer.pending.capacity() > MAX_KEPT_PENDING_CAPACITY {
+            writer.pending.shrink_to(MAX_KEPT_PENDING_CAPACITY);
+        }
+        written.map_err(|source| {
+            let reason = format!(
+                "write to {} failed: {source}",
+                writer.active.path().display()
+            );
+            self.shared.durability.fail(reason.clone());
+            Error::Poisoned { reason }
+        })
+    }
+
     /// Closes the active segment with an end marker and starts the next one.
     fn roll(&self, writer: &mut Writer) -> Result<()> {
+        self.write_pending(writer)?;
         let size = writer.active.len();
         if size - writer.offset >= 4 {
             writer
                 .active
-                .bytes_mut(writer.offset, writer.offset + 4)
-                .copy_from_slice(&END_OF_SEGMENT_MAGIC.to_le_bytes());
+                .write_at(writer.offset, &END_OF_SEGMENT_MAGIC.to_le_bytes())
+                .at(writer.active.path())?;
         }
         let base = writer.active.base_pos().advance(self.shared.segment_size);
-        let segment = Arc::new(Segment::create(
-            &self.shared.dir,
-            base.0,
-            self.shared.segment_size,
-            self.shared.fs.as_ref(),
-        )?);
+        let segment = self.shared.take_prepared_segment(base.0)?;
         self.shared.write_segments().push_back(segment.clone());
         writer.active = segment;
         writer.offset = 0;
+        self.shared.wake_preparer();
         Ok(())
     }
 
@@ -557,10 +674,15 @@ impl DiskFull {
 }
 
 impl Shared {
-    fn publish(&self, end: LogPos) {
+    fn publish(&self, end: LogPos, records: u64) {
         self.written.store(end.0, Ordering::Release);
+        let published = self.published_records.fetch_add(records, Ordering::SeqCst) + records;
         match self.flush_mode {
-            FlushMode::Sync => self.wake_flusher(),
+            FlushMode::Sync => {
+                if published >= self.flusher_wake_at.load(Ordering::SeqCst) {
+                    self.wake_flusher();
+                }
+            }
             FlushMode::Async { .. } => self.wake_progress_listener(),
         }
     }
@@ -571,8 +693,99 @@ impl Shared {
         }
     }
 
+    fn wake_preparer(&self) {
+        if let Some(thread) = self.preparer_thread.get() {
+            thread.unpark();
+        }
+    }
+
+    /// Keeps the segment after the active one created and, in `async` mode, the pages ahead
+    /// of the writer faulted in, until shutdown. Faulting a page in zeroes it, which would
+    /// otherwise happen on the writer's thread under its lock.
+    fn run_preparer(&self) {
+        let mut populated = 0;
+        while !self.shutting_down.load(Ordering::Acquire) {
+            let wanted = self.populate_wanted.load(Ordering::Acquire);
+            if wanted > populated {
+                populated = self.populate(populated, wanted);
+            }
+            let next = self
+                .segments
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .back()
+                .map(|s| s.base() + self.segment_size);
+            if let Some(base) = next
+                && let Err(error) = self.prepare_segment(base)
+            {
+                tracing::warn!(%error, base, "could not create the next segment ahead of time");
+            }
+            std::thread::park_timeout(Duration::from_secs(1));
+        }
+    }
+
+    /// Faults in the pages of `[from, to)` (at most two chunks) in the segments that exist;
+    /// returns how far it got.
+    fn populate(&self, from: u64, to: u64) -> u64 {
+        let from = from.max(to.saturating_sub(2 * POPULATE_CHUNK));
+        let segments: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|s| s.base() < to && from < s.base() + self.segment_size)
+            .cloned()
+            .collect();
+        let mut done = from;
+        for segment in segments {
+            let base = segment.base();
+            let end = to.min(base + self.segment_size);
+            segment.populate_for_write((from.max(base) - base) as usize, (end - base) as usize);
+            done = end;
+        }
+        done
+    }
+
+    fn prepare_segment(&self, base: u64) -> Result<()> {
+        self.prepare_locked(&mut self.lock_prepared(), base)
+    }
+
+    fn prepare_locked(&self, prepared: &mut Option<Arc<Segment>>, base: u64) -> Result<()> {
+        match prepared.as_ref() {
+            Some(segment) if segment.base() == base => return Ok(()),
+            // Left over from before a truncation moved the log back: never part of the log.
+            Some(stale) => stale.remove()?,
+            None => {}
+        }
+        *prepared = None;
+        *prepared = Some(Arc::new(Segment::create(
+            &self.dir,
+            base,
+            self.segment_size,
+            self.fs.as_ref(),
+        )?));
+        Ok(())
+    }
+
+    /// The segment that starts at `base`: the prepared one, or one created now.
+    fn take_prepared_segment(&self, base: u64) -> Result<Arc<Segment>> {
+        let mut prepared = self.lock_prepared();
+        self.prepare_locked(&mut prepared, base)?;
+        prepared.take().ok_or(Error::NoRecord {
+            pos: LogPos(base),
+            reason: "no segment after a successful creation",
+        })
+    }
+
+    fn lock_prepared(&self) -> MutexGuard<'_, Option<Arc<Segment>>> {
+        self.prepared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn wake_progress_listener(&self) {
-        if let Some(thread) = self.progress_listener.get() {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.listener_parked.swap(false, Ordering::SeqCst)
+            && let Some(thread) = self.progress_listener.get()
+        {
             thread.unpark();
         }
     }
@@ -590,14 +803,27 @@ impl Shared {
     }
 
     fn run_flusher(&self) {
+        let mut batch = GroupCommitBatch::default();
         loop {
             let pending =
                 self.written.load(Ordering::Acquire) > self.flushed.load(Ordering::Acquire);
             if pending {
+                if self.flush_mode == FlushMode::Sync
+                    && !self.shutting_down.load(Ordering::Acquire)
+                    && let Some(wait) = batch.wait_for_more(
+                        self.published_records.load(Ordering::Acquire),
+                        self.group_commit_window,
+                    )
+                {
+                    self.park_until_published(batch.wanted_records(), wait);
+                    continue;
+                }
+                let records = self.published_records.load(Ordering::Acquire);
                 if let Err(error) = self.flush() {
                     tracing::error!(%error, "commit log flush failed; refusing appends from now on");
                     return;
                 }
+                batch.flushed(records);
                 if self.flush_mode == FlushMode::Sync {
                     continue;
                 }
@@ -606,13 +832,28 @@ impl Shared {
                 return;
             }
             match self.flush_mode {
-                FlushMode::Sync => std::thread::park_timeout(Duration::from_millis(100)),
+                FlushMode::Sync => {
+                    let next = self.published_records.load(Ordering::SeqCst) + 1;
+                    self.park_until_published(next, Duration::from_millis(100));
+                }
                 FlushMode::Async { interval } => std::thread::park_timeout(interval),
             }
         }
     }
 
-    /// One flush: every segment range between the durable and the written position.
+    /// Parks the flusher until `records` are published (an appender wakes it), a shutdown or
+    /// a `flush` call wakes it, or `timeout` passes.
+    fn park_until_published(&self, records: u64, timeout: Duration) {
+        self.flusher_wake_at.store(records, Ordering::SeqCst);
+        let published = self.published_records.load(Ordering::SeqCst);
+        if published < records && !self.shutting_down.load(Ordering::SeqCst) {
+            std::thread::park_timeout(timeout);
+        }
+        self.flusher_wake_at.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    /// One flush: fdatasync of every segment that holds bytes between the durable and the
+    /// written position.
     fn flush(&self) -> Result<LogPos> {
         let _guard = self.lock_flush();
         if let Some(reason) = self.durability.failure() {
@@ -632,10 +873,7 @@ impl Shared {
             .cloned()
             .collect();
         for segment in &segments {
-            let base = segment.base();
-            let start = from.saturating_sub(base) as usize;
-            let end = (to - base).min(self.segment_size) as usize;
-            if let Err(source) = segment.sync(self.fs.as_ref(), start, end) {
+            if let Err(source) = segment.sync_data(self.fs.as_ref()) {
                 let reason = format!("flush of {} failed: {source}", segment.path().display());
                 self.durability.fail(reason.clone());
                 return Err(Error::Poisoned { reason });
@@ -647,6 +885,48 @@ impl Shared {
         self.durability.advance(LogPos(to));
         self.wake_progress_listener();
         Ok(LogPos(to))
+    }
+}
+
+/// The flusher's group-commit policy in `sync` mode. The writers a flush releases come back with
+/// their next records while the following flush would already be running, so flushing at once
+/// splits them into two half-size batches that alternate. Instead the flusher waits until as
+/// many records are pending as the last flush covered, but never longer than the window after
+/// it first saw a pending record; a lone writer therefore pays the window once, then none.
+#[derive(Debug, Default)]
+struct GroupCommitBatch {
+    /// Records published when the last flush started.
+    flushed_records: u64,
+    /// How many records the last flush covered.
+    last_size: u64,
+    /// When the flusher first saw a record pending after the last flush.
+    pending_since: Option<std::time::Instant>,
+}
+
+impl GroupCommitBatch {
+    /// How much longer to wait for more records, or `None` to flush now.
+    fn wait_for_more(&mut self, published_records: u64, window: Duration) -> Option<Duration> {
+        let pending = published_records.saturating_sub(self.flushed_records);
+        if pending >= self.last_size || window.is_zero() {
+            return None;
+        }
+        let since = *self
+            .pending_since
+            .get_or_insert_with(std::time::Instant::now);
+        window
+            .checked_sub(since.elapsed())
+            .filter(|left| !left.is_zero())
+    }
+
+    /// The published-record count at which the next batch is as large as the last one.
+    fn wanted_records(&self) -> u64 {
+        self.flushed_records + self.last_size
+    }
+
+    fn flushed(&mut self, published_records: u64) {
+        self.last_size = published_records.saturating_sub(self.flushed_records);
+        self.flushed_records = published_records;
+        self.pending_since = None;
     }
 }
 
@@ -745,4 +1025,31 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_commit_waits_for_a_batch_as_large_as_the_last_but_not_past_the_window() {
+        let window = Duration::from_millis(50);
+        let mut batch = GroupCommitBatch::default();
+        // Nothing flushed yet: the first record goes at once.
+        assert_eq!(batch.wait_for_more(1, window), None);
+        batch.flushed(10);
+        // The last flush covered 10 records: with 4 of the next pending, wait for more.
+        let wait = batch.wait_for_more(14, window).unwrap();
+        assert!(wait <= window);
+        assert_eq!(batch.wanted_records(), 20);
+        assert_eq!(batch.wait_for_more(20, window), None);
+        // A lone writer waits one window at most, after which batches of 1 go at once.
+        std::thread::sleep(window);
+        assert_eq!(batch.wait_for_more(11, window), None);
+        batch.flushed(11);
+        assert_eq!(batch.wait_for_more(12, window), None);
+        // A zero window never waits.
+        batch.flushed(100);
+        assert_eq!(batch.wait_for_more(101, Duration::ZERO), None);
+    }
 }

@@ -101,6 +101,7 @@ impl FileSystem for FaultyFs {
     }
 
     fn sync_file_data(&self, file: &std::fs::File) -> std::io::Result<()> {
+        self.flush_calls.fetch_add(1, Ordering::Relaxed);
         if self.fail_flush.load(Ordering::SeqCst) {
             return Err(std::io::Error::from_raw_os_error(5));
         }
