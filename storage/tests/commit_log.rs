@@ -149,6 +149,29 @@ fn committed_watermark_holds_dispatch_back() {
 }
 
 #[test]
+fn appends_do_not_wait_for_dispatch_that_the_committed_watermark_holds_back() {
+    // Appends wait for a lagging dispatcher, but never for one that may not move.
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        max_dispatch_lag_bytes: 1024,
+        ..StoreOptions::for_tests()
+    };
+    let store = MessageStore::open(dir.path(), options).unwrap();
+    let first = append_all(&store, 0..1, 100);
+    store.log().set_committed(Some(first[0].end()));
+    let started = std::time::Instant::now();
+    let later = append_all(&store, 1..40, 100);
+    // A wrong wait would cost a second per append.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "appends waited for a dispatcher held back by replication"
+    );
+    assert!(later.last().unwrap().end().0 - store.dispatched_pos().0 > 1024);
+    store.log().set_committed(None);
+    assert!(store.wait_dispatched(later.last().unwrap().end(), Duration::from_secs(5)));
+}
+
+#[test]
 fn truncating_an_uncommitted_suffix_rewinds_queue_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
