@@ -288,3 +288,25 @@ fn messages_damaged_before_the_checkpoint_are_refused_on_read() {
     assert!(store.read(appended[3].pos).is_ok());
     let _ = TestMessage::new(0, 0);
 }
+
+#[test]
+fn a_record_whose_crc_matches_but_whose_fields_do_not_is_refused_on_read() {
+    // A crafted frame: the topic length runs past the record, and the CRC is made to match.
+    let dir = tempfile::tempdir().unwrap();
+    let appended = write_then_close(dir.path(), 10, 64);
+    let victim = appended[4];
+    let file = segment_files(dir.path())[0].clone();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let start = victim.pos.0 as usize;
+    let record = &mut bytes[start..start + victim.len as usize];
+    record[14..16].copy_from_slice(&u16::MAX.to_le_bytes());
+    let crc = crc32fast::hash(&record[12..]);
+    record[8..12].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+    let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
+    match store.read(victim.pos) {
+        Err(ferrumq_storage::Error::Corrupt { .. }) => {}
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(store.read(appended[5].pos).is_ok());
+}

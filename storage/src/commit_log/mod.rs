@@ -290,12 +290,23 @@ impl CommitLog {
         }
         let bytes = segment.bytes(offset, limit as usize);
         match record::frame_len(bytes) {
-            Ok(len) => Ok(StoredRecord {
-                segment,
-                pos,
-                offset,
-                len,
-            }),
+            Ok(len) => {
+                // A frame whose CRC matches but whose fields do not add up is refused here, so
+                // `view()` never meets it.
+                if let Err(e) = RecordView::decode_fields(&bytes[..len]) {
+                    return Err(Error::Corrupt {
+                        path: segment.path().to_path_buf(),
+                        offset: offset as u64,
+                        reason: e.reason(),
+                    });
+                }
+                Ok(StoredRecord {
+                    segment,
+                    pos,
+                    offset,
+                    len,
+                })
+            }
             Err(e) => Err(Error::NoRecord {
                 pos,
                 reason: e.reason(),
@@ -957,7 +968,7 @@ impl StoredRecord {
     pub fn view(&self) -> RecordView<'_> {
         match RecordView::decode_fields(self.bytes()) {
             Ok(view) => view,
-            // `read` and `Records` only hand out records whose fields decoded.
+            // `read` (and so `Records`) only hands out records whose fields decoded.
             Err(e) => unreachable!("validated record failed to decode: {}", e.reason()),
         }
     }
@@ -990,9 +1001,6 @@ impl Iterator for Records<'_> {
             }
             match self.log.read(self.pos) {
                 Ok(record) => {
-                    if let Err(e) = RecordView::decode_fields(record.bytes()) {
-                        return Some(Err(corrupt(&record, e)));
-                    }
                     let pos = self.pos;
                     self.pos = record.end();
                     return Some(Ok((pos, record)));
@@ -1010,14 +1018,6 @@ impl Iterator for Records<'_> {
             }
         }
         None
-    }
-}
-
-fn corrupt(record: &StoredRecord, e: DecodeError) -> Error {
-    Error::Corrupt {
-        path: record.segment.path().to_path_buf(),
-        offset: record.offset as u64,
-        reason: e.reason(),
     }
 }
 
