@@ -65,8 +65,10 @@ pub struct Properties {
 }
 
 impl Properties {
-    pub fn new() -> Properties {
-        Properties::default()
+    pub const fn new() -> Properties {
+        Properties {
+            encoded: Vec::new(),
+        }
     }
 
     /// Adds a property. Keys and values are at most 65,535 bytes each.

@@ -1,0 +1,253 @@
+//! The broker's configuration: a TOML file whose every key is optional. Unknown keys are an
+//! error, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the broker can be told. `BrokerConfig::default()` is standalone mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Where the commit log, queues, metadata and consumer state live.
+    pub data_dir: PathBuf,
+    /// The RocketMQ v2 gRPC port (MessagingService, admin and cluster services).
+    pub grpc_listen: SocketAddr,
+    /// Health, readiness and Prometheus metrics.
+    pub http_listen: SocketAddr,
+    /// The `host:port` clients are told to use for this broker; defaults to `grpc_listen`.
+    pub advertised_endpoint: Option<String>,
+    /// Nameservers to join, as `host:port`. Empty: run an embedded one (standalone).
+    pub nameservers: Vec<String>,
+    pub cluster_name: String,
+    pub broker_name: String,
+    /// `sync`: the reply waits for fsync (group commit). `async`: flushed every
+    /// `async_flush_interval_ms`, the reply does not wait.
+    pub flush: FlushPolicy,
+    pub async_flush_interval_ms: u64,
+    pub segment_size_bytes: u64,
+    /// Commit-log segments older than this many hours are deleted; 0 keeps everything.
+    pub retention_hours: u64,
+    pub topics: TopicDefaults,
+    pub groups: GroupDefaults,
+    pub limits: Limits,
+    /// How often this broker re-registers with the nameservers, and how long a nameserver
+    /// keeps a broker it has not heard from.
+    pub heartbeat_interval_ms: u64,
+    pub broker_expiry_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushPolicy {
+    Sync,
+    Async,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicDefaults {
+    /// Create a topic the first time a client names it (QueryRoute, SendMessage).
+    pub auto_create: bool,
+    pub default_queue_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupDefaults {
+    /// Create a consumer group the first time a client names it.
+    pub auto_create: bool,
+    /// Deliveries of one message before it goes to `%DLQ%{group}`.
+    pub max_delivery_attempts: u32,
+    /// Waits a push consumer applies before redelivery attempt 2, 3, ... (the last repeats).
+    pub retry_backoff_ms: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_properties: usize,
+    /// Keys plus values of all properties, tag and keys included.
+    pub max_properties_bytes: usize,
+    pub max_batch_messages: usize,
+    pub max_message_group_bytes: usize,
+    pub max_receive_batch: u32,
+    pub min_invisible_ms: u64,
+    pub max_invisible_ms: u64,
+    pub max_long_polling_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> BrokerConfig {
+        BrokerConfig {
+            data_dir: PathBuf::from("./data"),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            advertised_endpoint: None,
+            nameservers: Vec::new(),
+            cluster_name: "DefaultCluster".to_owned(),
+            broker_name: "broker-a".to_owned(),
+            flush: FlushPolicy::Sync,
+            async_flush_interval_ms: 200,
+            segment_size_bytes: 1 << 30,
+            retention_hours: 72,
+            topics: TopicDefaults::default(),
+            groups: GroupDefaults::default(),
+            limits: Limits::default(),
+            heartbeat_interval_ms: 10_000,
+            broker_expiry_ms: 30_000,
+        }
+    }
+}
+
+impl Default for TopicDefaults {
+    fn default() -> TopicDefaults {
+        TopicDefaults {
+            auto_create: true,
+            default_queue_count: 8,
+        }
+    }
+}
+
+/// RocketMQ's default schedule: 1s 5s 10s 30s 1m 2m ... 10m 20m 30m 1h 2h.
+const DEFAULT_BACKOFF_SECS: [u64; 16] = [
+    1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800,
+];
+
+impl Default for GroupDefaults {
+    fn default() -> GroupDefaults {
+        GroupDefaults {
+            auto_create: true,
+            max_delivery_attempts: 17,
+            retry_backoff_ms: DEFAULT_BACKOFF_SECS.iter().map(|s| s * 1000).collect(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_body_bytes: 4 << 20,
+            max_properties: 128,
+            max_properties_bytes: 16 << 10,
+            max_batch_messages: 1024,
+            max_message_group_bytes: 64,
+            max_receive_batch: 32,
+            min_invisible_ms: 10_000,
+            max_invisible_ms: 12 * 3600 * 1000,
+            max_long_polling_ms: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl BrokerConfig {
+    /// Reads a TOML file; keys it does not set keep their defaults.
+    pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: BrokerConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The defaults as a TOML document, for `--print-default-config`.
+    pub fn default_toml() -> String {
+        toml::to_string(&BrokerConfig::default()).unwrap_or_default()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.topics.default_queue_count == 0 || self.topics.default_queue_count > 1024 {
+            return invalid("topics.default_queue_count", "must be between 1 and 1024");
+        }
+        if self.groups.max_delivery_attempts == 0 {
+            return invalid("groups.max_delivery_attempts", "must be at least 1");
+        }
+        if self.limits.min_invisible_ms > self.limits.max_invisible_ms {
+            return invalid(
+                "limits.min_invisible_ms",
+                "must not exceed limits.max_invisible_ms",
+            );
+        }
+        if self.limits.max_receive_batch == 0 {
+            return invalid("limits.max_receive_batch", "must be at least 1");
+        }
+        if self.async_flush_interval_ms == 0 {
+            return invalid("async_flush_interval_ms", "must be at least 1");
+        }
+        if self.heartbeat_interval_ms == 0 || self.broker_expiry_ms <= self.heartbeat_interval_ms {
+            return invalid(
+                "broker_expiry_ms",
+                "must be above heartbeat_interval_ms, which must be above zero",
+            );
+        }
+        crate::metadata::validate_name(&self.broker_name, 127)
+            .or_else(|reason| invalid("broker_name", &reason))?;
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn broker_expiry(&self) -> Duration {
+        Duration::from_millis(self.broker_expiry_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_defaults_parse_back_to_the_defaults() {
+        let parsed: BrokerConfig = toml::from_str(&BrokerConfig::default_toml()).unwrap();
+        assert_eq!(parsed, BrokerConfig::default());
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let err = toml::from_str::<BrokerConfig>("grpc_listn = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("grpc_listn"), "{err}");
+        let err = toml::from_str::<BrokerConfig>("[limits]\nmax_body = 1").unwrap_err();
+        assert!(err.to_string().contains("max_body"), "{err}");
+    }
+
+    #[test]
+    fn a_partial_file_keeps_the_other_defaults() {
+        let parsed: BrokerConfig =
+            toml::from_str("flush = \"async\"\n[groups]\nmax_delivery_attempts = 3\n").unwrap();
+        assert_eq!(parsed.flush, FlushPolicy::Async);
+        assert_eq!(parsed.groups.max_delivery_attempts, 3);
+        assert_eq!(parsed.limits, Limits::default());
+    }
+}

@@ -1,0 +1,605 @@
+//! Consumer groups: POP-style delivery with leases, acks, lease changes, redelivery with a
+//! growing attempt count, and dead letters.
+//!
+//! A receive hands out messages on a lease that ends after the invisible duration. An ack
+//! finishes a message; a message whose lease ends unacked is delivered again with attempt
+//! + 1, and once it has been delivered `max_delivery_attempts` times it is moved to
+//! `%DLQ%{group}` (keeping its message id) instead. The state lives in memory
+//! ([`state::ConsumerState`]); every change is journaled in the commit log (topic
+//! [`OPS_TOPIC`]) before the client hears of it, and a snapshot file bounds the replay.
+
+pub mod receipt;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ferrumq_protocol::v2::Code;
+use ferrumq_storage::{
+    LogPos, MessageStore, MessageType, NewRecord, QueueOffset, StoredRecord, TermIndex, keys,
+};
+
+use crate::error::{ApiError, ApiResult, BrokerError};
+use crate::files;
+use crate::filter::Filter;
+use crate::message::property;
+use crate::metadata::{GroupConfig, Metadata, StartPosition, TopicConfig};
+use crate::metrics::Metrics;
+use receipt::ReceiptHandle;
+use state::{ConsumerState, Lease, Op};
+
+/// The internal topic that journals consumer-state changes.
+pub const OPS_TOPIC: &str = "%SYS%CONSUMER_STATE";
+const SNAPSHOT_FILE: &str = "consumer-state.json";
+static NO_PROPERTIES: ferrumq_storage::Properties = ferrumq_storage::Properties::new();
+/// New messages looked at per receive before giving up on a heavily filtered queue.
+const MAX_SCAN_PER_RECEIVE: u64 = 4096;
+
+/// One message handed out by a receive.
+pub struct Delivered {
+    pub record: StoredRecord,
+    pub handle: ReceiptHandle,
+    pub attempt: u32,
+}
+
+/// What a receive found, and the log position that must be durable before the client hears.
+pub struct Received {
+    pub messages: Vec<Delivered>,
+    pub journal_end: Option<LogPos>,
+}
+
+pub struct ConsumerGroups {
+    store: Arc<MessageStore>,
+    metadata: Arc<Metadata>,
+    metrics: Arc<Metrics>,
+    snapshot_path: PathBuf,
+    state: Mutex<ConsumerState>,
+}
+
+impl ConsumerGroups {
+    /// Loads the last snapshot and replays the journal written after it.
+    pub fn open(
+        store: Arc<MessageStore>,
+        metadata: Arc<Metadata>,
+        metrics: Arc<Metrics>,
+        dir: PathBuf,
+    ) -> Result<ConsumerGroups, BrokerError> {
+        let snapshot_path = dir.join(SNAPSHOT_FILE);
+        let mut state: ConsumerState = match files::read_optional(&snapshot_path)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| BrokerError::Corrupt {
+                path: snapshot_path.clone(),
+                reason: e.to_string(),
+            })?,
+            None => ConsumerState::default(),
+        };
+        // Every recovered record must be in its consume queue before the journal is read.
+        store.wait_dispatched(store.log().written_pos(), Duration::from_secs(60));
+        let mut replayed = 0u64;
+        if let Some(queue) = store.consume_queue(OPS_TOPIC, 0) {
+            let first = state.last_op.map_or(0, |o| o + 1).max(queue.min_offset().0);
+            if let Some(last) = state.last_op
+                && queue.min_offset().0 > last + 1
+            {
+                tracing::warn!(
+                    snapshot = last,
+                    oldest = queue.min_offset().0,
+                    "consumer journal entries after the snapshot were deleted by retention"
+                );
+            }
+            for offset in first..queue.max_offset().0 {
+                let Some(entry) = queue.get(QueueOffset(offset)) else {
+                    break;
+                };
+                let record = store.read(entry.log_pos)?;
+                let op: Op = serde_json::from_slice(record.view().body).map_err(|e| {
+                    BrokerError::Corrupt {
+                        path: dir.join("commitlog"),
+                        reason: format!("consumer journal entry {offset}: {e}"),
+                    }
+                })?;
+                state.apply(&op);
+                state.last_op = Some(offset);
+                replayed += 1;
+            }
+        }
+        tracing::info!(replayed, "consumer state recovered");
+        Ok(ConsumerGroups {
+            store,
+            metadata,
+            metrics,
+            snapshot_path,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ConsumerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands out up to `batch` messages of `topic` from every queue: first messages whose
+    /// lease ended (attempt + 1), then new ones. Never waits.
+    pub fn receive(
+        &self,
+        group: &GroupConfig,
+        topic: &TopicConfig,
+        filter: &Filter,
+        batch: usize,
+        invisible_ms: u64,
+        now_ms: i64,
+    ) -> ApiResult<Received> {
+        let mut state = self.lock();
+        let mut journal_end = None;
+        let mut picked: Vec<(u32, u64, u32)> = Vec::new();
+        let mut records = Vec::new();
+        let queue_ids = rotation(topic.queue_count, state.epoch);
+
+        // Leases that ended: deliver again, or dead-letter at the last attempt.
+        for &queue_id in &queue_ids {
+            let expired: Vec<(u64, Lease)> = state
+                .queue(&group.name, &topic.name, queue_id)
+                .map(|q| {
+                    q.leases
+                        .iter()
+                        .filter(|(_, l)| l.visible_at_ms <= now_ms)
+                        .map(|(o, l)| (*o, *l))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (offset, lease) in expired {
+                if picked.len() >= batch {
+                    break;
+                }
+                let Some(record) = self.record_at(&topic.name, queue_id, offset) else {
+                    // Deleted by retention: nothing left to deliver.
+                    let end = self.journal(&mut state, done_op(group, topic, queue_id, offset))?;
+                    journal_end = Some(end);
+                    continue;
+                };
+                if lease.attempt >= group.max_delivery_attempts {
+                    journal_end = Some(
+                        self.dead_letter(&mut state, group, topic, queue_id, offset, &record)?,
+                    );
+                    continue;
+                }
+                picked.push((queue_id, offset, lease.attempt + 1));
+                records.push(record);
+            }
+        }
+
+        // New messages, queue by queue.
+        for &queue_id in &queue_ids {
+            if picked.len() >= batch {
+                break;
+            }
+            let Some(queue) = self.store.consume_queue(&topic.name, queue_id) else {
+                continue;
+            };
+            let start = || start_offset(group, &queue);
+            let qs = state.queue_mut(&group.name, &topic.name, queue_id, start);
+            let end = queue.max_offset().0;
+            let mut offset = qs.next_unscanned().max(queue.min_offset().0);
+            let scan_limit = offset.saturating_add(MAX_SCAN_PER_RECEIVE);
+            while offset < end && offset < scan_limit && picked.len() < batch {
+                if qs.is_done(offset) || qs.leases.contains_key(&offset) {
+                    offset += 1;
+                    continue;
+                }
+                let Some(entry) = queue.get(QueueOffset(offset)) else {
+                    break;
+                };
+                let matched = if filter.may_match(entry.tag_hash) {
+                    let record = self.store.read(entry.log_pos)?;
+                    if filter.matches(&record.view().properties) {
+                        Some(record)
+                    } else {
+                        None
+                    }
+                } else {
+                    None
+                };
+                match matched {
+                    Some(record) => {
+                        picked.push((queue_id, offset, 1));
+                        records.push(record);
+                    }
+                    // Filtered out for this group; not journaled: a restart filters it again.
+                    None => qs.mark_done(offset),
+                }
+                offset += 1;
+            }
+            qs.scanned = offset;
+        }
+
+        if picked.is_empty() {
+            return Ok(Received {
+                messages: Vec::new(),
+                journal_end,
+            });
+        }
+        let epoch = state.next_epoch();
+        let invisible = i64::try_from(invisible_ms).unwrap_or(i64::MAX);
+        let op = Op::Deliver {
+            group: group.name.clone(),
+            topic: topic.name.clone(),
+            messages: picked.clone(),
+            epoch,
+            visible_at_ms: now_ms.saturating_add(invisible),
+        };
+        journal_end = Some(self.journal(&mut state, op)?);
+        drop(state);
+        self.metrics.add_delivered(picked.len() as u64);
+        let messages = picked
+            .into_iter()
+            .zip(records)
+            .map(|((queue_id, offset, attempt), record)| Delivered {
+                record,
+                handle: ReceiptHandle {
+                    queue_id,
+                    offset,
+                    epoch,
+                },
+                attempt,
+            })
+            .collect();
+        Ok(Received {
+            messages,
+            journal_end,
+        })
+    }
+
+    /// Finishes messages. Each entry's outcome is its own: an entry already acked is OK
+    /// again; a handle from an earlier delivery is INVALID_RECEIPT_HANDLE.
+    pub fn ack(
+        &self,
+        group: &GroupConfig,
+        topic: &TopicConfig,
+        handles: &[(String, String)],
+    ) -> (Vec<ApiResult<()>>, Option<LogPos>) {
+        let mut state = self.lock();
+        let mut outcomes = Vec::with_capacity(handles.len());
+        let mut finished = Vec::new();
+        for (index, (field, text)) in handles.iter().enumerate() {
+            let outcome =
+                ReceiptHandle::decode(text, &topic.name, field).and_then(
+                    |handle| match check_lease(&state, group, topic, &handle, field)? {
+                        LeaseCheck::AlreadyDone => Ok(None),
+                        LeaseCheck::Current => Ok(Some((handle.queue_id, handle.offset))),
+                    },
+                );
+            outcomes.push(outcome.map(|done| {
+                if let Some(done) = done {
+                    finished.push((index, done));
+                }
+            }));
+        }
+        if finished.is_empty() {
+            return (outcomes, None);
+        }
+        let op = Op::Done {
+            group: group.name.clone(),
+            topic: topic.name.clone(),
+            messages: finished.iter().map(|(_, m)| *m).collect(),
+        };
+        match self.journal(&mut state, op) {
+            Ok(end) => {
+                self.metrics.add_acked(finished.len() as u64);
+                (outcomes, Some(end))
+            }
+            Err(err) => {
+                for (index, _) in finished {
+                    outcomes[index] = Err(err.clone());
+                }
+                (outcomes, None)
+            }
+        }
+    }
+
+    /// Moves a lease to a new epoch that ends `invisible_ms` from now; returns the new
+    /// handle. The attempt count stays: it grows when the message is delivered again.
+    pub fn change_invisible(
+        &self,
+        group: &GroupConfig,
+        topic: &TopicConfig,
+        text: &str,
+        invisible_ms: u64,
+        now_ms: i64,
+    ) -> ApiResult<(String, LogPos)> {
+        let mut state = self.lock();
+        let handle = ReceiptHandle::decode(text, &topic.name, "receipt_handle")?;
+        if let LeaseCheck::AlreadyDone =
+            check_lease(&state, group, topic, &handle, "receipt_handle")?
+        {
+            return Err(ApiError::new(
+                Code::InvalidReceiptHandle,
+                "receipt_handle: the message is already acked",
+            ));
+        }
+        let epoch = state.next_epoch();
+        let op = Op::Renew {
+            group: group.name.clone(),
+            topic: topic.name.clone(),
+            queue_id: handle.queue_id,
+            offset: handle.offset,
+            epoch,
+            visible_at_ms: now_ms.saturating_add(i64::try_from(invisible_ms).unwrap_or(i64::MAX)),
+        };
+        let end = self.journal(&mut state, op)?;
+        let renewed = ReceiptHandle { epoch, ..handle };
+        Ok((renewed.encode(&topic.name), end))
+    }
+
+    /// Moves a leased message to the group's dead-letter topic at once.
+    pub fn forward_to_dead_letter(
+        &self,
+        group: &GroupConfig,
+        topic: &TopicConfig,
+        text: &str,
+    ) -> ApiResult<LogPos> {
+        let mut state = self.lock();
+        let handle = ReceiptHandle::decode(text, &topic.name, "receipt_handle")?;
+        if let LeaseCheck::AlreadyDone =
+            check_lease(&state, group, topic, &handle, "receipt_handle")?
+        {
+            return Err(ApiError::new(
+                Code::InvalidReceiptHandle,
+                "receipt_handle: the message is already acked",
+            ));
+        }
+        let record = self
+            .record_at(&topic.name, handle.queue_id, handle.offset)
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::MessageNotFound,
+                    "the message was deleted by retention",
+                )
+            })?;
+        self.dead_letter(
+            &mut state,
+            group,
+            topic,
+            handle.queue_id,
+            handle.offset,
+            &record,
+        )
+    }
+
+    /// Dead-letters every message whose lease ended at its last attempt, so they reach the
+    /// DLQ even when nobody receives from the topic any more.
+    pub fn sweep(&self, now_ms: i64) -> ApiResult<Option<LogPos>> {
+        let mut state = self.lock();
+        let mut due = Vec::new();
+        for (group_name, topics) in &state.groups {
+            let Some(group) = self.metadata.group(group_name) else {
+                continue;
+            };
+            for (topic_name, queues) in topics {
+                for (queue_id, queue) in queues {
+                    for (offset, lease) in &queue.leases {
+                        if lease.visible_at_ms <= now_ms
+                            && lease.attempt >= group.max_delivery_attempts
+                        {
+                            due.push((group.clone(), topic_name.clone(), *queue_id, *offset));
+                        }
+                    }
+                }
+            }
+        }
+        let mut end = None;
+        for (group, topic_name, queue_id, offset) in due {
+            let Some(topic) = self.metadata.topic(&topic_name) else {
+                continue;
+            };
+            end = Some(match self.record_at(&topic.name, queue_id, offset) {
+                Some(record) => {
+                    self.dead_letter(&mut state, &group, &topic, queue_id, offset, &record)?
+                }
+                None => self.journal(&mut state, done_op(&group, &topic, queue_id, offset))?,
+            });
+        }
+        Ok(end)
+    }
+
+    /// The earliest time a lease of `group` on `topic` ends, to wake a waiting receive.
+    pub fn next_lease_end(&self, group: &str, topic: &str) -> Option<i64> {
+        let state = self.lock();
+        state
+            .groups
+            .get(group)?
+            .get(topic)?
+            .values()
+            .flat_map(|q| q.leases.values().map(|l| l.visible_at_ms))
+            .min()
+    }
+
+    pub fn pull_offset(&self, group: &str, topic: &str, queue_id: u32) -> Option<u64> {
+        self.lock()
+            .pull_offsets
+            .get(&(group.to_owned(), topic.to_owned(), queue_id))
+            .copied()
+    }
+
+    pub fn update_pull_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+    ) -> ApiResult<LogPos> {
+        let mut state = self.lock();
+        let op = Op::PullOffset {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            queue_id,
+            offset,
+        };
+        self.journal(&mut state, op)
+    }
+
+    /// Per queue of each topic the group has read: (topic, queue, acked below, delivered
+    /// below, in flight).
+    pub fn progress(&self, group: &str) -> Vec<(String, u32, u64, u64, u64)> {
+        let state = self.lock();
+        let Some(topics) = state.groups.get(group) else {
+            return Vec::new();
+        };
+        topics
+            .iter()
+            .flat_map(|(topic, queues)| {
+                queues.iter().map(move |(queue_id, q)| {
+                    let delivered = q
+                        .leases
+                        .keys()
+                        .next_back()
+                        .map_or(q.floor, |o| o + 1)
+                        .max(q.next_unscanned());
+                    (
+                        topic.clone(),
+                        *queue_id,
+                        q.floor,
+                        delivered,
+                        q.leases.len() as u64,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    pub fn inflight(&self) -> u64 {
+        let state = self.lock();
+        state
+            .groups
+            .values()
+            .flat_map(|t| t.values())
+            .flat_map(|q| q.values())
+            .map(|q| q.leases.len() as u64)
+            .sum()
+    }
+
+    /// Writes the snapshot, so recovery replays only the journal written after it.
+    pub fn snapshot(&self) -> Result<(), BrokerError> {
+        let bytes = {
+            let state = self.lock();
+            serde_json::to_vec(&*state).map_err(|e| BrokerError::Corrupt {
+                path: self.snapshot_path.clone(),
+                reason: e.to_string(),
+            })?
+        };
+        files::replace_file(&self.snapshot_path, &bytes)
+    }
+
+    fn record_at(&self, topic: &str, queue_id: u32, offset: u64) -> Option<StoredRecord> {
+        let entry = self
+            .store
+            .consume_queue(topic, queue_id)?
+            .get(QueueOffset(offset))?;
+        self.store.read(entry.log_pos).ok()
+    }
+
+    /// Copies the message to `%DLQ%{group}` with its id and origin, then finishes it.
+    fn dead_letter(
+        &self,
+        state: &mut ConsumerState,
+        group: &GroupConfig,
+        topic: &TopicConfig,
+        queue_id: u32,
+        offset: u64,
+        record: &StoredRecord,
+    ) -> ApiResult<LogPos> {
+        let dlq = self.metadata.dead_letter_topic(group)?;
+        let view = record.view();
+        let mut properties = view.properties.to_owned();
+        let id = view.properties.get(keys::MESSAGE_ID).unwrap_or_default();
+        properties
+            .push(property::DLQ_ORIGIN_TOPIC, &topic.name)
+            .and_then(|()| properties.push(property::DLQ_ORIGIN_MESSAGE_ID, id))
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.store.append(&NewRecord {
+            topic: &dlq.name,
+            queue_id: 0,
+            message_type: MessageType::Normal,
+            born_timestamp_ms: view.born_timestamp_ms,
+            born_host: view.born_host,
+            properties: properties.as_ref(),
+            body: view.body,
+            term_index: TermIndex::default(),
+        })?;
+        self.metrics.add_dead_lettered(1);
+        tracing::info!(group = %group.name, topic = %topic.name, queue_id, offset, message_id = id, "dead-lettered");
+        self.journal(state, done_op(group, topic, queue_id, offset))
+    }
+
+    /// Appends `op` to the journal, then applies it. The caller makes the returned end
+    /// durable before it answers.
+    fn journal(&self, state: &mut ConsumerState, op: Op) -> ApiResult<LogPos> {
+        let body = serde_json::to_vec(&op).map_err(|e| ApiError::internal(e.to_string()))?;
+        let appended = self.store.append(&NewRecord {
+            topic: OPS_TOPIC,
+            queue_id: 0,
+            message_type: MessageType::System,
+            born_timestamp_ms: 0,
+            born_host: SocketAddr::from(([0, 0, 0, 0], 0)),
+            properties: NO_PROPERTIES.as_ref(),
+            body: &body,
+            term_index: TermIndex::default(),
+        })?;
+        state.apply(&op);
+        state.last_op = Some(appended.queue_offset.0);
+        Ok(appended.end())
+    }
+}
+
+enum LeaseCheck {
+    Current,
+    AlreadyDone,
+}
+
+fn check_lease(
+    state: &ConsumerState,
+    group: &GroupConfig,
+    topic: &TopicConfig,
+    handle: &ReceiptHandle,
+    field: &str,
+) -> ApiResult<LeaseCheck> {
+    let queue = state.queue(&group.name, &topic.name, handle.queue_id);
+    if queue.is_some_and(|q| q.is_done(handle.offset)) {
+        return Ok(LeaseCheck::AlreadyDone);
+    }
+    match queue.and_then(|q| q.leases.get(&handle.offset)) {
+        Some(lease) if lease.epoch == handle.epoch => Ok(LeaseCheck::Current),
+        Some(_) => Err(ApiError::new(
+            Code::InvalidReceiptHandle,
+            format!("{field} is stale: the message was delivered again or its lease changed"),
+        )),
+        None => Err(ApiError::new(
+            Code::InvalidReceiptHandle,
+            format!(
+                "{field} names queue {} offset {}, which group {:?} does not hold",
+                handle.queue_id, handle.offset, group.name
+            ),
+        )),
+    }
+}
+
+fn done_op(group: &GroupConfig, topic: &TopicConfig, queue_id: u32, offset: u64) -> Op {
+    Op::Done {
+        group: group.name.clone(),
+        topic: topic.name.clone(),
+        messages: vec![(queue_id, offset)],
+    }
+}
+
+fn start_offset(group: &GroupConfig, queue: &ferrumq_storage::ConsumeQueue) -> u64 {
+    match group.start_position {
+        StartPosition::Earliest => queue.min_offset().0,
+        StartPosition::Latest => queue.offset_at_time(group.created_ms).0,
+    }
+}
+
+/// Queue ids starting at a point that moves with every delivery, so no queue is favoured.
+fn rotation(queue_count: u32, seed: u64) -> Vec<u32> {
+    let count = queue_count.max(1);
+    let start = u32::try_from(seed % u64::from(count)).unwrap_or(0);
+    (0..count).map(|i| (start + i) % count).collect()
+}

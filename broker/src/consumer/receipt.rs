@@ -1,0 +1,124 @@
+//! Receipt handles: what a consumer echoes back to ack a message or change its lease.
+//!
+//! A handle names the queue, the queue offset and the lease epoch, and carries a CRC32 over
+//! them and the topic, so a handle that was mangled, or sent with another topic, is refused.
+//! The epoch changes at every delivery and every lease change, so a handle from an earlier
+//! delivery no longer acts on the message.
+
+use ferrumq_protocol::v2::Code;
+
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptHandle {
+    pub queue_id: u32,
+    pub offset: u64,
+    pub epoch: u64,
+}
+
+const VERSION: &str = "f1";
+
+impl ReceiptHandle {
+    pub fn encode(&self, topic: &str) -> String {
+        format!(
+            "{VERSION}.{:x}.{:x}.{:x}.{:08x}",
+            self.queue_id,
+            self.offset,
+            self.epoch,
+            self.checksum(topic)
+        )
+    }
+
+    /// Parses a handle received for `topic`; `field` names it in the error.
+    pub fn decode(text: &str, topic: &str, field: &str) -> ApiResult<ReceiptHandle> {
+        let invalid = |why: &str| {
+            ApiError::new(
+                Code::InvalidReceiptHandle,
+                format!(
+                    "{field} {:?} is not a receipt handle of topic {topic:?}: {why}",
+                    truncate(text)
+                ),
+            )
+        };
+        let mut parts = text.split('.');
+        if parts.next() != Some(VERSION) {
+            return Err(invalid("unknown format"));
+        }
+        let mut number = |what: &str| {
+            parts
+                .next()
+                .and_then(|p| u64::from_str_radix(p, 16).ok())
+                .ok_or_else(|| invalid(&format!("bad {what}")))
+        };
+        let queue_id = u32::try_from(number("queue id")?).map_err(|_| invalid("bad queue id"))?;
+        let offset = number("offset")?;
+        let epoch = number("epoch")?;
+        let checksum = number("checksum")?;
+        if parts.next().is_some() {
+            return Err(invalid("trailing fields"));
+        }
+        let handle = ReceiptHandle {
+            queue_id,
+            offset,
+            epoch,
+        };
+        if u64::from(handle.checksum(topic)) != checksum {
+            return Err(invalid("checksum mismatch"));
+        }
+        Ok(handle)
+    }
+
+    fn checksum(&self, topic: &str) -> u32 {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(topic.as_bytes());
+        hasher.update(&self.queue_id.to_le_bytes());
+        hasher.update(&self.offset.to_le_bytes());
+        hasher.update(&self.epoch.to_le_bytes());
+        hasher.finalize()
+    }
+}
+
+fn truncate(text: &str) -> &str {
+    let end = text.char_indices().nth(64).map_or(text.len(), |(i, _)| i);
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip_and_topic_binding() {
+        let h = ReceiptHandle {
+            queue_id: 3,
+            offset: 1 << 40,
+            epoch: 7,
+        };
+        let text = h.encode("orders");
+        assert_eq!(ReceiptHandle::decode(&text, "orders", "f").unwrap(), h);
+        let err = ReceiptHandle::decode(&text, "other", "entries[0].receipt_handle").unwrap_err();
+        assert_eq!(err.code, Code::InvalidReceiptHandle);
+        assert!(err.message.contains("entries[0].receipt_handle"));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_is_refused_not_panicked_on(text in ".{0,80}") {
+            if let Ok(h) = ReceiptHandle::decode(&text, "t", "f") {
+                prop_assert_eq!(h.encode("t"), text);
+            }
+        }
+
+        #[test]
+        fn any_single_character_change_is_caught(q in 0u32..100, off in 0u64..1_000_000, epoch in 0u64..1000, at in 0usize..40, c in "[0-9a-f.]") {
+            let text = ReceiptHandle { queue_id: q, offset: off, epoch }.encode("t");
+            let at = at % text.len();
+            let mut changed = text.clone();
+            changed.replace_range(at..at + 1, &c);
+            if changed != text {
+                prop_assert!(ReceiptHandle::decode(&changed, "t", "f").is_err());
+            }
+        }
+    }
+}

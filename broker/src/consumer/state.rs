@@ -1,0 +1,309 @@
+//! What each consumer group has done with each queue: which offsets are acked, which are out
+//! on a lease (and until when), and where a pull consumer said it is. Pure data: no I/O.
+//!
+//! Every change is an [`Op`]. The broker journals each op in the commit log before it tells
+//! the client, and recovery replays the ops written after the last snapshot, so the state
+//! after a crash is the state the clients were told about.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+/// One message handed out and not yet acked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Deliveries so far, this one included (the first delivery is 1).
+    pub attempt: u32,
+    /// Changes at every delivery and lease change; a receipt handle must name the current one.
+    pub epoch: u64,
+    /// When the message may be delivered again.
+    pub visible_at_ms: i64,
+}
+
+/// One queue as one group sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    /// Every offset below this is done: acked, dead-lettered or filtered out.
+    pub floor: u64,
+    /// Done offsets at or above `floor` (acks arrive out of order).
+    pub done: BTreeSet<u64>,
+    pub leases: BTreeMap<u64, Lease>,
+    /// Offsets below this were looked at for new messages; not kept across restarts, where
+    /// scanning resumes at `floor` and skips what is done or leased.
+    #[serde(skip)]
+    pub scanned: u64,
+}
+
+impl QueueState {
+    pub fn starting_at(offset: u64) -> QueueState {
+        QueueState {
+            floor: offset,
+            scanned: offset,
+            ..QueueState::default()
+        }
+    }
+
+    pub fn is_done(&self, offset: u64) -> bool {
+        offset < self.floor || self.done.contains(&offset)
+    }
+
+    pub fn mark_done(&mut self, offset: u64) {
+        if offset < self.floor {
+            return;
+        }
+        self.leases.remove(&offset);
+        self.done.insert(offset);
+        while self.done.remove(&self.floor) {
+            self.floor += 1;
+        }
+        self.scanned = self.scanned.max(self.floor);
+    }
+
+    /// The next offset of a message never looked at.
+    pub fn next_unscanned(&self) -> u64 {
+        self.scanned.max(self.floor)
+    }
+}
+
+/// A change to the state, as journaled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Messages handed out on new leases: `(queue id, offset, attempt)`, all with one epoch
+    /// and one visibility time.
+    Deliver {
+        group: String,
+        topic: String,
+        messages: Vec<(u32, u64, u32)>,
+        epoch: u64,
+        visible_at_ms: i64,
+    },
+    /// A lease moved to a new epoch and visibility time (ChangeInvisibleDuration).
+    Renew {
+        group: String,
+        topic: String,
+        queue_id: u32,
+        offset: u64,
+        epoch: u64,
+        visible_at_ms: i64,
+    },
+    /// Messages finished: acked or dead-lettered.
+    Done {
+        group: String,
+        topic: String,
+        messages: Vec<(u32, u64)>,
+    },
+    /// A pull consumer's committed offset (UpdateOffset).
+    PullOffset {
+        group: String,
+        topic: String,
+        queue_id: u32,
+        offset: u64,
+    },
+}
+
+pub type QueueKey = (String, String, u32);
+
+/// All groups' state on this broker.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ConsumerState {
+    /// group → topic → queue id → state.
+    pub groups: BTreeMap<String, BTreeMap<String, BTreeMap<u32, QueueState>>>,
+    #[serde(with = "pull_offsets")]
+    pub pull_offsets: HashMap<QueueKey, u64>,
+    /// The highest epoch handed out; the next is above it.
+    pub epoch: u64,
+    /// The queue offset of the last journaled op this state includes.
+    pub last_op: Option<u64>,
+}
+
+impl ConsumerState {
+    pub fn queue(&self, group: &str, topic: &str, queue_id: u32) -> Option<&QueueState> {
+        self.groups.get(group)?.get(topic)?.get(&queue_id)
+    }
+
+    /// The queue's state, created by `start` (the group's first offset) when new.
+    pub fn queue_mut(
+        &mut self,
+        group: &str,
+        topic: &str,
+        queue_id: u32,
+        start: impl FnOnce() -> u64,
+    ) -> &mut QueueState {
+        self.groups
+            .entry(group.to_owned())
+            .or_default()
+            .entry(topic.to_owned())
+            .or_default()
+            .entry(queue_id)
+            .or_insert_with(|| QueueState::starting_at(start()))
+    }
+
+    pub fn next_epoch(&mut self) -> u64 {
+        self.epoch += 1;
+        self.epoch
+    }
+
+    /// Applies an op. Replaying an op the state already includes changes nothing, so
+    /// recovery may safely start a little early.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Deliver {
+                group,
+                topic,
+                messages,
+                epoch,
+                visible_at_ms,
+            } => {
+                for &(queue_id, offset, attempt) in messages {
+                    let queue = self.queue_mut(group, topic, queue_id, || offset);
+                    if !queue.is_done(offset) {
+                        queue.leases.insert(
+                            offset,
+                            Lease {
+                                attempt,
+                                epoch: *epoch,
+                                visible_at_ms: *visible_at_ms,
+                            },
+                        );
+                    }
+                }
+                self.epoch = self.epoch.max(*epoch);
+            }
+            Op::Renew {
+                group,
+                topic,
+                queue_id,
+                offset,
+                epoch,
+                visible_at_ms,
+            } => {
+                let queue = self.queue_mut(group, topic, *queue_id, || *offset);
+                if let Some(lease) = queue.leases.get_mut(offset) {
+                    lease.epoch = *epoch;
+                    lease.visible_at_ms = *visible_at_ms;
+                }
+                self.epoch = self.epoch.max(*epoch);
+            }
+            Op::Done {
+                group,
+                topic,
+                messages,
+            } => {
+                for &(queue_id, offset) in messages {
+                    self.queue_mut(group, topic, queue_id, || offset)
+                        .mark_done(offset);
+                }
+            }
+            Op::PullOffset {
+                group,
+                topic,
+                queue_id,
+                offset,
+            } => {
+                self.pull_offsets
+                    .insert((group.clone(), topic.clone(), *queue_id), *offset);
+            }
+        }
+    }
+}
+
+/// JSON maps need string keys; pull offsets are stored as a list.
+mod pull_offsets {
+    use super::QueueKey;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::HashMap;
+
+    pub(super) fn serialize<S: Serializer>(
+        map: &HashMap<QueueKey, u64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut list: Vec<(&QueueKey, &u64)> = map.iter().collect();
+        list.sort();
+        list.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<HashMap<QueueKey, u64>, D::Error> {
+        let list: Vec<(QueueKey, u64)> = Vec::deserialize(d)?;
+        Ok(list.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deliver(offsets: &[u64], epoch: u64) -> Op {
+        Op::Deliver {
+            group: "g".into(),
+            topic: "t".into(),
+            messages: offsets.iter().map(|&o| (0, o, 1)).collect(),
+            epoch,
+            visible_at_ms: 100,
+        }
+    }
+
+    fn done(offsets: &[u64]) -> Op {
+        Op::Done {
+            group: "g".into(),
+            topic: "t".into(),
+            messages: offsets.iter().map(|&o| (0, o)).collect(),
+        }
+    }
+
+    #[test]
+    fn out_of_order_acks_advance_the_floor_when_the_gap_closes() {
+        let mut state = ConsumerState::default();
+        state.queue_mut("g", "t", 0, || 10);
+        state.apply(&deliver(&[10, 11, 12], 1));
+        state.apply(&done(&[12, 11]));
+        let q = state.queue("g", "t", 0).unwrap();
+        assert_eq!(q.floor, 10);
+        assert_eq!(q.leases.len(), 1);
+        state.apply(&done(&[10]));
+        let q = state.queue("g", "t", 0).unwrap();
+        assert_eq!((q.floor, q.done.len(), q.leases.len()), (13, 0, 0));
+    }
+
+    #[test]
+    fn replaying_ops_is_harmless() {
+        let ops = [
+            deliver(&[0, 1], 1),
+            done(&[0]),
+            deliver(&[1], 2),
+            done(&[1]),
+        ];
+        let mut once = ConsumerState::default();
+        for op in &ops {
+            once.apply(op);
+        }
+        let mut twice = ConsumerState::default();
+        for op in ops.iter().chain(ops.iter()) {
+            twice.apply(op);
+        }
+        assert_eq!(once.queue("g", "t", 0), twice.queue("g", "t", 0));
+        assert_eq!(twice.queue("g", "t", 0).unwrap().floor, 2);
+    }
+
+    #[test]
+    fn the_snapshot_round_trips_through_json() {
+        let mut state = ConsumerState::default();
+        state.apply(&deliver(&[5, 6], 9));
+        state.apply(&Op::PullOffset {
+            group: "g".into(),
+            topic: "t".into(),
+            queue_id: 2,
+            offset: 40,
+        });
+        state.last_op = Some(3);
+        let json = serde_json::to_vec(&state).unwrap();
+        let back: ConsumerState = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            back.queue("g", "t", 0).unwrap().leases,
+            state.queue("g", "t", 0).unwrap().leases
+        );
+        assert_eq!(back.pull_offsets, state.pull_offsets);
+        assert_eq!((back.epoch, back.last_op), (9, Some(3)));
+    }
+}

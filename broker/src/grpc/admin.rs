@@ -1,0 +1,275 @@
+//! `ferrumq.admin.v1.AdminService`: topics, groups, group progress and message queries.
+//! Errors are gRPC statuses whose message names the field.
+
+use std::sync::Arc;
+
+use ferrumq_protocol::admin::admin_service_server::AdminService;
+use ferrumq_protocol::admin::{
+    CreateGroupRequest, CreateGroupResponse, CreateTopicRequest, CreateTopicResponse,
+    DeleteTopicRequest, DeleteTopicResponse, DescribeGroupRequest, DescribeGroupResponse, Group,
+    ListGroupsRequest, ListGroupsResponse, ListTopicsRequest, ListTopicsResponse,
+    QueryMessageRequest, QueryMessageResponse, QueueProgress, StartPosition as WireStart,
+    StoredMessage, Topic, query_message_request,
+};
+use ferrumq_protocol::v2::{Code, MessageType};
+use tonic::{Request, Response};
+
+use crate::error::ApiError;
+use crate::message;
+use crate::metadata::{self, GroupConfig, StartPosition, TopicConfig};
+use crate::service::{Broker, now_ms};
+
+pub struct AdminApi {
+    broker: Arc<Broker>,
+}
+
+impl AdminApi {
+    pub fn new(broker: Arc<Broker>) -> AdminApi {
+        AdminApi { broker }
+    }
+}
+
+type Reply<T> = Result<Response<T>, tonic::Status>;
+
+fn to_grpc(e: ApiError) -> tonic::Status {
+    match e.code {
+        Code::TopicNotFound | Code::ConsumerGroupNotFound | Code::NotFound => {
+            tonic::Status::not_found(e.message)
+        }
+        Code::Unsupported | Code::NotImplemented => tonic::Status::unimplemented(e.message),
+        Code::InternalServerError | Code::InternalError => tonic::Status::internal(e.message),
+        _ => tonic::Status::invalid_argument(e.message),
+    }
+}
+
+fn wire_topic(t: &TopicConfig) -> Topic {
+    Topic {
+        name: t.name.clone(),
+        queue_count: t.queue_count,
+        accept_message_types: t.message_types().into_iter().map(|m| m as i32).collect(),
+    }
+}
+
+fn wire_group(g: &GroupConfig) -> Group {
+    Group {
+        name: g.name.clone(),
+        max_delivery_attempts: g.max_delivery_attempts,
+        start_position: match g.start_position {
+            StartPosition::Earliest => WireStart::Earliest as i32,
+            StartPosition::Latest => WireStart::Latest as i32,
+        },
+        retry_backoff_ms: g.retry_backoff_ms.clone(),
+        fifo: g.fifo,
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn create_topic(
+        &self,
+        request: Request<CreateTopicRequest>,
+    ) -> Reply<CreateTopicResponse> {
+        let request = request.into_inner();
+        let topic = request
+            .topic
+            .ok_or_else(|| tonic::Status::invalid_argument("topic is missing"))?;
+        let config = &self.broker.config;
+        let mut types = Vec::new();
+        for t in &topic.accept_message_types {
+            let t = MessageType::try_from(*t).map_err(|_| {
+                tonic::Status::invalid_argument(format!(
+                    "topic.accept_message_types: {t} is not a message type"
+                ))
+            })?;
+            types.push(t.as_str_name().to_owned());
+        }
+        if types.is_empty() {
+            types.push(MessageType::Normal.as_str_name().to_owned());
+        }
+        let wanted = TopicConfig {
+            name: topic.name.clone(),
+            queue_count: if topic.queue_count == 0 {
+                config.topics.default_queue_count
+            } else {
+                topic.queue_count
+            },
+            accept_message_types: types,
+        };
+        if metadata::is_system_topic(&wanted.name) {
+            return Err(tonic::Status::invalid_argument(format!(
+                "topic.name {:?} is reserved",
+                wanted.name
+            )));
+        }
+        let existed = self.broker.metadata.topic(&wanted.name).is_some();
+        if existed
+            && !request.update_existing
+            && self.broker.metadata.topic(&wanted.name) != Some(wanted.clone())
+            && topic.queue_count != 0
+        {
+            return Err(tonic::Status::already_exists(format!(
+                "topic {:?} exists with other settings",
+                wanted.name
+            )));
+        }
+        let created = self
+            .broker
+            .metadata
+            .put_topic(wanted, request.update_existing)
+            .map_err(to_grpc)?;
+        self.broker.publish_routes();
+        Ok(Response::new(CreateTopicResponse {
+            topic: Some(wire_topic(&created)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<DeleteTopicRequest>,
+    ) -> Reply<DeleteTopicResponse> {
+        self.broker
+            .metadata
+            .delete_topic(&request.into_inner().name)
+            .map_err(to_grpc)?;
+        self.broker.publish_routes();
+        Ok(Response::new(DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(&self, request: Request<ListTopicsRequest>) -> Reply<ListTopicsResponse> {
+        let internal = request.into_inner().include_internal;
+        let topics = self
+            .broker
+            .metadata
+            .topics()
+            .iter()
+            .filter(|t| internal || !metadata::is_system_topic(&t.name))
+            .map(wire_topic)
+            .collect();
+        Ok(Response::new(ListTopicsResponse { topics }))
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<CreateGroupRequest>,
+    ) -> Reply<CreateGroupResponse> {
+        let request = request.into_inner();
+        let group = request
+            .group
+            .ok_or_else(|| tonic::Status::invalid_argument("group is missing"))?;
+        let mut config = self.broker.metadata.default_group(&group.name, now_ms());
+        if group.max_delivery_attempts != 0 {
+            config.max_delivery_attempts = group.max_delivery_attempts;
+        }
+        if !group.retry_backoff_ms.is_empty() {
+            config.retry_backoff_ms = group.retry_backoff_ms;
+        }
+        config.start_position = match WireStart::try_from(group.start_position) {
+            Ok(WireStart::Earliest) => StartPosition::Earliest,
+            Ok(WireStart::Latest | WireStart::Unspecified) => StartPosition::Latest,
+            Err(_) => {
+                return Err(tonic::Status::invalid_argument(
+                    "group.start_position is not a known position",
+                ));
+            }
+        };
+        config.fifo = group.fifo;
+        let created = self
+            .broker
+            .metadata
+            .put_group(config, request.update_existing)
+            .map_err(to_grpc)?;
+        Ok(Response::new(CreateGroupResponse {
+            group: Some(wire_group(&created)),
+        }))
+    }
+
+    async fn list_groups(&self, _request: Request<ListGroupsRequest>) -> Reply<ListGroupsResponse> {
+        let groups = self
+            .broker
+            .metadata
+            .groups()
+            .iter()
+            .map(wire_group)
+            .collect();
+        Ok(Response::new(ListGroupsResponse { groups }))
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<DescribeGroupRequest>,
+    ) -> Reply<DescribeGroupResponse> {
+        let name = request.into_inner().group;
+        let group =
+            self.broker.metadata.group(&name).ok_or_else(|| {
+                tonic::Status::not_found(format!("group {name:?} does not exist"))
+            })?;
+        let queues = self
+            .broker
+            .consumers
+            .progress(&name)
+            .into_iter()
+            .map(|(topic, queue_id, acked, delivered, inflight)| {
+                let max = self
+                    .broker
+                    .store
+                    .consume_queue(&topic, queue_id)
+                    .map_or(0, |q| q.max_offset().0);
+                QueueProgress {
+                    lag: max.saturating_sub(acked),
+                    topic,
+                    queue_id,
+                    acked_offset: acked,
+                    delivered_offset: delivered,
+                    max_offset: max,
+                    inflight,
+                }
+            })
+            .collect();
+        Ok(Response::new(DescribeGroupResponse {
+            group: Some(wire_group(&group)),
+            queues,
+        }))
+    }
+
+    async fn query_message(
+        &self,
+        request: Request<QueryMessageRequest>,
+    ) -> Reply<QueryMessageResponse> {
+        let request = request.into_inner();
+        let to = if request.to_ms == 0 {
+            i64::MAX
+        } else {
+            request.to_ms
+        };
+        let max = if request.max == 0 {
+            32
+        } else {
+            request.max as usize
+        };
+        let records = match request.by {
+            Some(query_message_request::By::MessageId(id)) => {
+                self.broker.store.query_by_id(&id, request.from_ms, to)
+            }
+            Some(query_message_request::By::Key(key)) => {
+                self.broker
+                    .store
+                    .query_by_key(&request.topic, &key, request.from_ms, to, max)
+            }
+            None => {
+                return Err(tonic::Status::invalid_argument(
+                    "one of message_id or key is required",
+                ));
+            }
+        };
+        let messages = records
+            .iter()
+            .filter(|r| request.topic.is_empty() || r.view().topic == request.topic)
+            .take(max)
+            .map(|r| StoredMessage {
+                message: Some(message::to_wire(&r.view(), None, &self.broker.endpoint)),
+                commit_log_position: r.pos().0,
+            })
+            .collect();
+        Ok(Response::new(QueryMessageResponse { messages }))
+    }
+}

@@ -1,0 +1,466 @@
+//! `apache.rocketmq.v2.MessagingService`. Business errors go in the response's `status`
+//! (every unary response has one); only Telemetry uses gRPC errors.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferrumq_nameserver::session;
+use ferrumq_protocol::v2::messaging_service_server::MessagingService;
+use ferrumq_protocol::v2::{
+    AckMessageRequest, AckMessageResponse, AckMessageResultEntry, ChangeInvisibleDurationRequest,
+    ChangeInvisibleDurationResponse, Code, EndTransactionRequest, EndTransactionResponse,
+    FilterType, ForwardMessageToDeadLetterQueueRequest, ForwardMessageToDeadLetterQueueResponse,
+    GetOffsetRequest, GetOffsetResponse, HeartbeatRequest, HeartbeatResponse,
+    NotifyClientTerminationRequest, NotifyClientTerminationResponse, PullMessageRequest,
+    PullMessageResponse, QueryAssignmentRequest, QueryAssignmentResponse, QueryOffsetPolicy,
+    QueryOffsetRequest, QueryOffsetResponse, QueryRouteRequest, QueryRouteResponse,
+    ReceiveMessageRequest, ReceiveMessageResponse, Resource, SendMessageRequest,
+    SendMessageResponse, Status, TelemetryCommand, UpdateOffsetRequest, UpdateOffsetResponse,
+    pull_message_response, receive_message_response, settings,
+};
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response};
+
+use crate::error::{ApiError, ApiResult};
+use crate::message::timestamp;
+use crate::service::{Broker, ReceiveRequest, now_ms};
+
+pub struct MessagingApi {
+    broker: Arc<Broker>,
+}
+
+impl MessagingApi {
+    pub fn new(broker: Arc<Broker>) -> MessagingApi {
+        MessagingApi { broker }
+    }
+}
+
+type Reply<T> = Result<Response<T>, tonic::Status>;
+
+fn name(resource: Option<&Resource>) -> &str {
+    resource.map_or("", |r| r.name.as_str())
+}
+
+fn client_id<T>(request: &Request<T>) -> ApiResult<String> {
+    session::client_id(request.metadata()).map_err(|s| {
+        ApiError::new(
+            Code::try_from(s.code).unwrap_or(Code::ClientIdRequired),
+            s.message,
+        )
+    })
+}
+
+fn status_of<T>(result: &ApiResult<T>) -> Status {
+    match result {
+        Ok(_) => Status::ok(),
+        Err(e) => e.status(),
+    }
+}
+
+fn peer<T>(request: &Request<T>) -> SocketAddr {
+    request
+        .remote_addr()
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+fn stream_of<T: Send + 'static>(items: Vec<T>) -> BoxStream<T> {
+    Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))
+}
+
+#[tonic::async_trait]
+impl MessagingService for MessagingApi {
+    async fn query_route(&self, request: Request<QueryRouteRequest>) -> Reply<QueryRouteResponse> {
+        let result = async {
+            let client = client_id(&request)?;
+            self.broker
+                .query_route(name(request.get_ref().topic.as_ref()), &client)
+                .await
+        }
+        .await;
+        Ok(Response::new(QueryRouteResponse {
+            status: Some(status_of(&result)),
+            message_queues: result.unwrap_or_default(),
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Reply<HeartbeatResponse> {
+        let result = client_id(&request);
+        Ok(Response::new(HeartbeatResponse {
+            status: Some(status_of(&result)),
+        }))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<SendMessageRequest>,
+    ) -> Reply<SendMessageResponse> {
+        let peer = peer(&request);
+        let result = match client_id(&request) {
+            Ok(_) => self.broker.send(request.into_inner().messages, peer).await,
+            Err(e) => Err(e),
+        };
+        let (status, entries) = match result {
+            Ok(entries) => (Status::ok(), entries),
+            Err(e) => (e.status(), Vec::new()),
+        };
+        Ok(Response::new(SendMessageResponse {
+            status: Some(status),
+            entries,
+        }))
+    }
+
+    async fn query_assignment(
+        &self,
+        request: Request<QueryAssignmentRequest>,
+    ) -> Reply<QueryAssignmentResponse> {
+        let result = client_id(&request).and_then(|_| {
+            let r = request.get_ref();
+            self.broker
+                .query_assignment(name(r.topic.as_ref()), name(r.group.as_ref()))
+        });
+        Ok(Response::new(QueryAssignmentResponse {
+            status: Some(status_of(&result)),
+            assignments: result
+                .unwrap_or_default()
+                .into_iter()
+                .map(|q| ferrumq_protocol::v2::Assignment {
+                    message_queue: Some(q),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn receive_message(
+        &self,
+        request: Request<ReceiveMessageRequest>,
+    ) -> Reply<BoxStream<ReceiveMessageResponse>> {
+        use receive_message_response::Content;
+        let deadline = super::deadline(request.metadata());
+        let result = match client_id(&request) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let r = request.get_ref();
+                let filter = r.filter_expression.as_ref();
+                self.broker
+                    .receive(ReceiveRequest {
+                        group: name(r.group.as_ref()),
+                        topic: name(r.message_queue.as_ref().and_then(|q| q.topic.as_ref())),
+                        filter_type: filter
+                            .and_then(|f| FilterType::try_from(f.r#type).ok())
+                            .unwrap_or(FilterType::Tag),
+                        filter_expression: filter.map_or("*", |f| f.expression.as_str()),
+                        batch_size: r.batch_size,
+                        invisible: r.invisible_duration.as_ref(),
+                        auto_renew: r.auto_renew,
+                        long_polling: r.long_polling_timeout.as_ref(),
+                        deadline,
+                    })
+                    .await
+            }
+        };
+        // The clients expect: a status, the messages, then a delivery timestamp.
+        let mut frames = Vec::new();
+        match result {
+            Ok(messages) if messages.is_empty() => {
+                frames.push(Content::Status(Status::new(
+                    Code::MessageNotFound,
+                    "no new message",
+                )));
+            }
+            Ok(messages) => {
+                frames.push(Content::Status(Status::ok()));
+                frames.extend(messages.into_iter().map(Content::Message));
+            }
+            Err(e) => frames.push(Content::Status(e.status())),
+        }
+        frames.push(Content::DeliveryTimestamp(timestamp(now_ms())));
+        Ok(Response::new(stream_of(
+            frames
+                .into_iter()
+                .map(|c| ReceiveMessageResponse { content: Some(c) })
+                .collect(),
+        )))
+    }
+
+    async fn ack_message(&self, request: Request<AckMessageRequest>) -> Reply<AckMessageResponse> {
+        let result = match client_id(&request) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let r = request.get_ref();
+                if r.entries.is_empty() {
+                    Err(ApiError::bad_request("entries is empty"))
+                } else {
+                    let handles: Vec<(String, String)> = r
+                        .entries
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| {
+                            (
+                                format!("entries[{i}].receipt_handle"),
+                                e.receipt_handle.clone(),
+                            )
+                        })
+                        .collect();
+                    self.broker
+                        .ack(name(r.group.as_ref()), name(r.topic.as_ref()), &handles)
+                        .await
+                }
+            }
+        };
+        let r = request.get_ref();
+        let (status, entries) = match result {
+            Ok(outcomes) => {
+                let entries: Vec<AckMessageResultEntry> = r
+                    .entries
+                    .iter()
+                    .zip(&outcomes)
+                    .map(|(e, outcome)| AckMessageResultEntry {
+                        message_id: e.message_id.clone(),
+                        receipt_handle: e.receipt_handle.clone(),
+                        status: Some(Broker::status_of(outcome)),
+                    })
+                    .collect();
+                let failed: Vec<&ApiError> =
+                    outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+                let status = match failed.len() {
+                    0 => Status::ok(),
+                    n if n == outcomes.len() => failed[0].status(),
+                    _ => Status::new(
+                        Code::MultipleResults,
+                        "some entries failed; see each entry's status",
+                    ),
+                };
+                (status, entries)
+            }
+            // The Rust client reads entries[0]: answer one entry per request entry even so.
+            Err(e) => (
+                e.status(),
+                r.entries
+                    .iter()
+                    .map(|entry| AckMessageResultEntry {
+                        message_id: entry.message_id.clone(),
+                        receipt_handle: entry.receipt_handle.clone(),
+                        status: Some(e.status()),
+                    })
+                    .collect(),
+            ),
+        };
+        Ok(Response::new(AckMessageResponse {
+            status: Some(status),
+            entries,
+        }))
+    }
+
+    async fn forward_message_to_dead_letter_queue(
+        &self,
+        request: Request<ForwardMessageToDeadLetterQueueRequest>,
+    ) -> Reply<ForwardMessageToDeadLetterQueueResponse> {
+        let result = match client_id(&request) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let r = request.get_ref();
+                self.broker
+                    .forward_to_dead_letter(
+                        name(r.group.as_ref()),
+                        name(r.topic.as_ref()),
+                        &r.receipt_handle,
+                    )
+                    .await
+            }
+        };
+        Ok(Response::new(ForwardMessageToDeadLetterQueueResponse {
+            status: Some(status_of(&result)),
+        }))
+    }
+
+    async fn pull_message(
+        &self,
+        request: Request<PullMessageRequest>,
+    ) -> Reply<BoxStream<PullMessageResponse>> {
+        use pull_message_response::Content;
+        let result = match client_id(&request) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let r = request.get_ref();
+                let queue = r.message_queue.as_ref();
+                let filter = r.filter_expression.as_ref().map(|f| {
+                    (
+                        FilterType::try_from(f.r#type).unwrap_or(FilterType::Tag),
+                        f.expression.as_str(),
+                    )
+                });
+                self.broker
+                    .pull(
+                        name(queue.and_then(|q| q.topic.as_ref())),
+                        queue.map_or(0, |q| q.id),
+                        r.offset,
+                        r.batch_size,
+                        filter,
+                        r.long_polling_timeout.as_ref(),
+                    )
+                    .await
+            }
+        };
+        let mut frames = Vec::new();
+        match result {
+            Ok((messages, next)) => {
+                frames.push(Content::Status(if messages.is_empty() {
+                    Status::new(Code::MessageNotFound, "no new message")
+                } else {
+                    Status::ok()
+                }));
+                frames.extend(messages.into_iter().map(Content::Message));
+                frames.push(Content::NextOffset(next));
+            }
+            Err(e) => frames.push(Content::Status(e.status())),
+        }
+        Ok(Response::new(stream_of(
+            frames
+                .into_iter()
+                .map(|c| PullMessageResponse { content: Some(c) })
+                .collect(),
+        )))
+    }
+
+    async fn update_offset(
+        &self,
+        request: Request<UpdateOffsetRequest>,
+    ) -> Reply<UpdateOffsetResponse> {
+        let result = match client_id(&request) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let r = request.get_ref();
+                let queue = r.message_queue.as_ref();
+                self.broker
+                    .update_offset(
+                        name(r.group.as_ref()),
+                        name(queue.and_then(|q| q.topic.as_ref())),
+                        queue.map_or(0, |q| q.id),
+                        r.offset,
+                    )
+                    .await
+            }
+        };
+        Ok(Response::new(UpdateOffsetResponse {
+            status: Some(status_of(&result)),
+        }))
+    }
+
+    async fn get_offset(&self, request: Request<GetOffsetRequest>) -> Reply<GetOffsetResponse> {
+        let result = client_id(&request).and_then(|_| {
+            let r = request.get_ref();
+            let queue = r.message_queue.as_ref();
+            self.broker.get_offset(
+                name(r.group.as_ref()),
+                name(queue.and_then(|q| q.topic.as_ref())),
+                queue.map_or(0, |q| q.id),
+            )
+        });
+        Ok(Response::new(GetOffsetResponse {
+            status: Some(status_of(&result)),
+            offset: result.unwrap_or(-1),
+        }))
+    }
+
+    async fn query_offset(
+        &self,
+        request: Request<QueryOffsetRequest>,
+    ) -> Reply<QueryOffsetResponse> {
+        let result = client_id(&request).and_then(|_| {
+            let r = request.get_ref();
+            let queue = r.message_queue.as_ref();
+            let policy = QueryOffsetPolicy::try_from(r.query_offset_policy)
+                .map_err(|_| ApiError::bad_request("query_offset_policy is not a known policy"))?;
+            let at = r
+                .timestamp
+                .as_ref()
+                .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
+            self.broker.query_offset(
+                name(queue.and_then(|q| q.topic.as_ref())),
+                queue.map_or(0, |q| q.id),
+                policy,
+                at,
+            )
+        });
+        Ok(Response::new(QueryOffsetResponse {
+            status: Some(status_of(&result)),
+            offset: result.unwrap_or(-1),
+        }))
+    }
+
+    async fn end_transaction(
+        &self,
+        request: Request<EndTransactionRequest>,
+    ) -> Reply<EndTransactionResponse> {
+        let result: ApiResult<()> = client_id(&request).and_then(|_| {
+            Err(ApiError::new(
+                Code::NotImplemented,
+                "transactional messages are not supported by this broker yet",
+            ))
+        });
+        Ok(Response::new(EndTransactionResponse {
+            status: Some(status_of(&result)),
+        }))
+    }
+
+    async fn telemetry(
+        &self,
+        request: Request<tonic::Streaming<TelemetryCommand>>,
+    ) -> Reply<BoxStream<TelemetryCommand>> {
+        let client = session::client_id(request.metadata())
+            .map_err(|s| tonic::Status::invalid_argument(s.message))?;
+        let broker = self.broker.clone();
+        let (sender, stream) = session::serve_telemetry(request.into_inner(), move |settings| {
+            let group = match &settings.pub_sub {
+                Some(settings::PubSub::Subscription(s)) => s.group.as_ref().map(|g| g.name.clone()),
+                Some(settings::PubSub::Publishing(_)) => None,
+                None => {
+                    return Err(Status::new(
+                        Code::UnrecognizedClientType,
+                        "settings names neither publishing nor subscription",
+                    ));
+                }
+            };
+            let policy = broker
+                .settings_policy(group.as_deref())
+                .map_err(|e| e.status())?;
+            Ok(session::settings_reply(settings, &policy))
+        });
+        self.broker.add_telemetry(client, sender);
+        Ok(Response::new(stream))
+    }
+
+    async fn notify_client_termination(
+        &self,
+        _request: Request<NotifyClientTerminationRequest>,
+    ) -> Reply<NotifyClientTerminationResponse> {
+        // Always OK: the Rust client's shutdown() fails on anything else.
+        Ok(Response::new(NotifyClientTerminationResponse {
+            status: Some(Status::ok()),
+        }))
+    }
+
+    async fn change_invisible_duration(
+        &self,
+        request: Request<ChangeInvisibleDurationRequest>,
+    ) -> Reply<ChangeInvisibleDurationResponse> {
+        let result = match client_id(&request) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let r = request.get_ref();
+                self.broker
+                    .change_invisible(
+                        name(r.group.as_ref()),
+                        name(r.topic.as_ref()),
+                        &r.receipt_handle,
+                        r.invisible_duration.as_ref(),
+                    )
+                    .await
+            }
+        };
+        Ok(Response::new(ChangeInvisibleDurationResponse {
+            status: Some(status_of(&result)),
+            receipt_handle: result.unwrap_or_default(),
+        }))
+    }
+}

@@ -1,0 +1,289 @@
+//! The ferrumq broker: speaks Apache RocketMQ 5's gRPC protocol (`apache.rocketmq.v2`) over
+//! the storage engine.
+//!
+//! - [`service::Broker`]: what each request does (send, receive with leases, ack, routes).
+//! - [`consumer`]: consumer groups: leases, redelivery, dead letters, durable state.
+//! - [`grpc`]: thin gRPC handlers; [`http`]: health and metrics.
+//! - [`metadata`]: topics and groups; [`config`]: the TOML configuration.
+//!
+//! [`start`] runs a broker in-process (tests use it with port 0); the `ferrumq-broker`
+//! binary wraps it.
+
+pub mod cluster;
+pub mod config;
+pub mod consumer;
+pub mod error;
+mod files;
+pub mod filter;
+pub mod grpc;
+pub mod http;
+pub mod message;
+pub mod metadata;
+pub mod metrics;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferrumq_nameserver::{NameServer, RouteTable};
+use ferrumq_protocol::admin::admin_service_server::AdminServiceServer;
+use ferrumq_protocol::cluster::cluster_service_server::ClusterServiceServer;
+use ferrumq_protocol::v2::messaging_service_server::MessagingServiceServer;
+use ferrumq_storage::{FlushMode, LogPos, MessageStore, StoreOptions};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use config::BrokerConfig;
+pub use error::{ApiError, BrokerError};
+use service::{Broker, Routes};
+
+/// Largest gRPC message accepted: a full batch of maximum-size bodies fits.
+const MAX_GRPC_MESSAGE: usize = 130 << 20;
+
+/// A broker running in this process.
+pub struct RunningBroker {
+    pub broker: Arc<Broker>,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    servers: Vec<JoinHandle<()>>,
+    stop_background: Arc<AtomicBool>,
+}
+
+/// Opens the data directory, recovers, and starts serving.
+pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let io = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| BrokerError::Io { path, source }
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(io(&config.data_dir))?;
+    let options = StoreOptions {
+        segment_size_bytes: config.segment_size_bytes,
+        flush: match config.flush {
+            config::FlushPolicy::Sync => FlushMode::Sync,
+            config::FlushPolicy::Async => FlushMode::Async {
+                interval: Duration::from_millis(config.async_flush_interval_ms),
+            },
+        },
+        retention: (config.retention_hours > 0)
+            .then(|| Duration::from_secs(config.retention_hours * 3600)),
+        ..StoreOptions::default()
+    };
+    let data_dir = config.data_dir.clone();
+    let store =
+        tokio::task::spawn_blocking(move || MessageStore::open(&data_dir.join("store"), options))
+            .await
+            .map_err(|e| BrokerError::Corrupt {
+                path: config.data_dir.clone(),
+                reason: e.to_string(),
+            })??;
+    let store = Arc::new(store);
+    let recovery = store.recovery();
+    tracing::info!(
+        clean = recovery.clean_shutdown,
+        valid_end = recovery.valid_end.0,
+        elapsed_ms = recovery.elapsed.as_millis() as u64,
+        "storage recovered"
+    );
+    let metadata = Arc::new(metadata::Metadata::open(&config.data_dir, config.clone())?);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let consumers = {
+        let (store, metadata, metrics, dir) = (
+            store.clone(),
+            metadata.clone(),
+            metrics.clone(),
+            config.data_dir.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            consumer::ConsumerGroups::open(store, metadata, metrics, dir)
+        })
+        .await
+        .map_err(|e| BrokerError::Corrupt {
+            path: config.data_dir.clone(),
+            reason: e.to_string(),
+        })??
+    };
+    let consumers = Arc::new(consumers);
+
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(io(std::path::Path::new("grpc_listen")))?;
+    let http_listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(io(std::path::Path::new("http_listen")))?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(io(std::path::Path::new("grpc_listen")))?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(io(std::path::Path::new("http_listen")))?;
+    let endpoint = config
+        .advertised_endpoint
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
+
+    let embedded = config
+        .nameservers
+        .is_empty()
+        .then(|| Arc::new(RouteTable::new(config.broker_expiry())));
+    let routes = match &embedded {
+        Some(table) => Routes::Embedded(table.clone()),
+        None => Routes::Nameservers(config.nameservers.clone()),
+    };
+    let stop_background = Arc::new(AtomicBool::new(false));
+    let dispatched = spawn_dispatch_watch(store.clone(), stop_background.clone());
+    let broker = Arc::new(Broker::new(
+        config.clone(),
+        store.clone(),
+        metadata,
+        consumers.clone(),
+        metrics,
+        routes,
+        endpoint.clone(),
+        dispatched,
+    ));
+    broker.publish_routes();
+    cluster::spawn_heartbeats(&broker);
+    spawn_housekeeping(&broker, stop_background.clone());
+    if let Some(table) = &embedded {
+        NameServer::spawn_expiry(table, config.heartbeat_interval());
+    }
+
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
+    let mut router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            MessagingServiceServer::new(grpc::messaging::MessagingApi::new(broker.clone()))
+                .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE),
+        )
+        .add_service(AdminServiceServer::new(grpc::admin::AdminApi::new(
+            broker.clone(),
+        )));
+    if let Some(table) = &embedded {
+        router = router.add_service(ClusterServiceServer::new(NameServer::new(
+            table.clone(),
+            config.heartbeat_interval(),
+        )));
+    }
+    let grpc_server = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let shutdown = async {
+            let _ = stop_rx.await;
+            let _ = http_stop_tx.send(());
+        };
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+    let http_router = http::router(broker.clone());
+    let http_server = tokio::spawn(async move {
+        let serve = axum::serve(http_listener, http_router).with_graceful_shutdown(async {
+            let _ = http_stop_rx.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, endpoint, data_dir = %config.data_dir.display(), "broker serving");
+    Ok(RunningBroker {
+        broker,
+        grpc_addr,
+        http_addr,
+        stop: Some(stop_tx),
+        servers: vec![grpc_server, http_server],
+        stop_background,
+    })
+}
+
+impl RunningBroker {
+    /// Stops serving, snapshots consumer state and closes the store cleanly.
+    pub async fn shutdown(mut self) -> Result<(), BrokerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        for server in self.servers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        }
+        self.stop_background.store(true, Ordering::Release);
+        let broker = self.broker.clone();
+        tokio::task::spawn_blocking(move || {
+            broker.consumers.snapshot()?;
+            broker.store.close()?;
+            Ok::<(), BrokerError>(())
+        })
+        .await
+        .map_err(|e| BrokerError::Corrupt {
+            path: self.broker.config.data_dir.clone(),
+            reason: e.to_string(),
+        })?
+    }
+}
+
+/// A thread that turns dispatch progress into a watch value, to wake waiting receives.
+fn spawn_dispatch_watch(store: Arc<MessageStore>, stop: Arc<AtomicBool>) -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(store.dispatched_pos().0);
+    let spawned = std::thread::Builder::new()
+        .name("ferrumq-dispatch-watch".into())
+        .spawn(move || {
+            let mut seen = store.dispatched_pos();
+            while !stop.load(Ordering::Acquire) {
+                if store.wait_dispatched(LogPos(seen.0 + 1), Duration::from_millis(100)) {
+                    seen = store.dispatched_pos();
+                    if tx.send(seen.0).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the dispatch watcher; receives will poll");
+    }
+    rx
+}
+
+/// Dead-letters expired last attempts twice a second, and snapshots consumer state every
+/// few seconds so recovery replays little.
+fn spawn_housekeeping(broker: &Arc<Broker>, stop: Arc<AtomicBool>) {
+    let weak = Arc::downgrade(broker);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut ticks = 0u64;
+        loop {
+            tick.tick().await;
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            let Some(broker) = weak.upgrade() else { break };
+            ticks += 1;
+            let consumers = broker.consumers.clone();
+            let snapshot = ticks % 10 == 0;
+            let result = tokio::task::spawn_blocking(move || {
+                let end = consumers
+                    .sweep(service::now_ms())
+                    .map_err(BrokerError::Api)?;
+                if snapshot {
+                    consumers.snapshot()?;
+                }
+                Ok::<_, BrokerError>(end)
+            })
+            .await;
+            match result {
+                Ok(Ok(Some(end))) => {
+                    let _ = broker.store.durable(end).await;
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "consumer housekeeping failed"),
+                Err(e) => tracing::warn!(error = %e, "consumer housekeeping panicked"),
+            }
+        }
+    });
+}

@@ -1,0 +1,450 @@
+//! Between the wire and the log: checks an incoming `apache.rocketmq.v2.Message` and turns it
+//! into stored properties, and turns a stored record back into the message a consumer sees.
+
+use std::collections::HashMap;
+
+use ferrumq_protocol::v2::{
+    self, Code, DeadLetterQueue, Digest, DigestType, Encoding, MessageType, Resource,
+    SystemProperties,
+};
+use ferrumq_storage::{Properties, RecordView, keys};
+use md5::{Digest as _, Md5};
+
+use crate::config::Limits;
+use crate::error::{ApiError, ApiResult};
+
+/// Property keys the broker writes. A user property may not use one.
+pub mod property {
+    pub const MESSAGE_GROUP: &str = "__SHARDINGKEY";
+    pub const BORN_HOST: &str = "__BORNHOST";
+    pub const TRACE_CONTEXT: &str = "TRACE_CONTEXT";
+    pub const DLQ_ORIGIN_TOPIC: &str = "DLQ_ORIGIN_TOPIC";
+    pub const DLQ_ORIGIN_MESSAGE_ID: &str = "DLQ_ORIGIN_MESSAGE_ID";
+    pub const DELIVER_AT_MS: &str = "TIMER_DELIVER_MS";
+}
+
+/// Keys of RocketMQ's system properties; clients may not set them as user properties.
+const RESERVED_KEYS: [&str; 30] = [
+    keys::MESSAGE_ID,
+    keys::TAG,
+    keys::KEY,
+    property::MESSAGE_GROUP,
+    property::BORN_HOST,
+    property::TRACE_CONTEXT,
+    property::DLQ_ORIGIN_TOPIC,
+    property::DLQ_ORIGIN_MESSAGE_ID,
+    property::DELIVER_AT_MS,
+    "WAIT",
+    "DELAY",
+    "RETRY_TOPIC",
+    "REAL_TOPIC",
+    "REAL_QID",
+    "TRAN_MSG",
+    "PGROUP",
+    "MIN_OFFSET",
+    "MAX_OFFSET",
+    "BUYER_ID",
+    "ORIGIN_MESSAGE_ID",
+    "TRANSFER_FLAG",
+    "CORRECTION_FLAG",
+    "MQ2_FLAG",
+    "RECONSUME_TIME",
+    "MSG_REGION",
+    "TRACE_ON",
+    "MAX_RECONSUME_TIMES",
+    "CONSUME_START_TIME",
+    "TIMER_DELAY_SEC",
+    "CHECK_IMMUNITY_TIME_IN_SECONDS",
+];
+
+pub fn is_reserved_key(key: &str) -> bool {
+    RESERVED_KEYS.contains(&key)
+}
+
+/// A message that passed every check, ready to append.
+#[derive(Debug)]
+pub struct CheckedMessage {
+    pub message_id: String,
+    pub queue_id: Option<u32>,
+    pub born_timestamp_ms: i64,
+    pub properties: Properties,
+    pub body: Vec<u8>,
+}
+
+/// Checks one message of a SendMessage request against the limits. `index` names it in
+/// errors (`messages[2].system_properties.tag`).
+pub fn check(index: usize, message: v2::Message, limits: &Limits) -> ApiResult<CheckedMessage> {
+    let field = |name: &str| format!("messages[{index}].{name}");
+    let system = message.system_properties.ok_or_else(|| {
+        ApiError::bad_request(format!("{} is missing", field("system_properties")))
+    })?;
+    let id = system.message_id.as_str();
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::new(
+            Code::IllegalMessageId,
+            format!(
+                "{} {id:?} must be 1 to 128 printable ASCII characters",
+                field("system_properties.message_id")
+            ),
+        ));
+    }
+    if message.body.is_empty() {
+        // MESSAGE_BODY_EMPTY (41302) is not known to the 5.0.0 clients.
+        return Err(ApiError::bad_request(format!("{} is empty", field("body"))));
+    }
+    if message.body.len() > limits.max_body_bytes {
+        return Err(ApiError::new(
+            Code::MessageBodyTooLarge,
+            format!(
+                "{} is {} bytes; the limit is {}",
+                field("body"),
+                message.body.len(),
+                limits.max_body_bytes
+            ),
+        ));
+    }
+    if system.body_encoding == Encoding::Gzip as i32 {
+        return Err(ApiError::bad_request(format!(
+            "{}: GZIP bodies are not accepted",
+            field("system_properties.body_encoding")
+        )));
+    }
+    let message_type =
+        MessageType::try_from(system.message_type).unwrap_or(MessageType::Unspecified);
+    if !matches!(message_type, MessageType::Normal | MessageType::Unspecified) {
+        return Err(ApiError::new(
+            Code::MessagePropertyConflictWithType,
+            format!(
+                "{} is {}; this broker stores NORMAL messages only so far",
+                field("system_properties.message_type"),
+                message_type.as_str_name()
+            ),
+        ));
+    }
+    if system.delivery_timestamp.is_some() {
+        return Err(ApiError::new(
+            Code::MessagePropertyConflictWithType,
+            format!(
+                "{} is set on a NORMAL message",
+                field("system_properties.delivery_timestamp")
+            ),
+        ));
+    }
+    if system.message_group.is_some() {
+        return Err(ApiError::new(
+            Code::MessagePropertyConflictWithType,
+            format!(
+                "{} is set on a NORMAL message",
+                field("system_properties.message_group")
+            ),
+        ));
+    }
+
+    let mut properties = Properties::new();
+    let mut property_bytes = 0usize;
+    let mut push = |key: &str, value: &str, properties: &mut Properties| -> ApiResult<()> {
+        property_bytes += key.len() + value.len();
+        properties
+            .push(key, value)
+            .map_err(|e| ApiError::new(Code::MessagePropertiesTooLarge, e.to_string()))
+    };
+    push(keys::MESSAGE_ID, id, &mut properties)?;
+    if let Some(tag) = &system.tag {
+        if tag.trim().is_empty() || tag.contains('|') || tag.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                Code::IllegalMessageTag,
+                format!(
+                    "{} {tag:?} must be non-blank, without '|' or control characters",
+                    field("system_properties.tag")
+                ),
+            ));
+        }
+        push(keys::TAG, tag, &mut properties)?;
+    }
+    for key in &system.keys {
+        if key.trim().is_empty() || key.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                Code::IllegalMessageKey,
+                format!(
+                    "{} {key:?} must be non-blank, without control characters",
+                    field("system_properties.keys")
+                ),
+            ));
+        }
+        push(keys::KEY, key, &mut properties)?;
+    }
+    if !system.born_host.is_empty() {
+        push(property::BORN_HOST, &system.born_host, &mut properties)?;
+    }
+    if let Some(trace) = &system.trace_context
+        && !trace.is_empty()
+    {
+        push(property::TRACE_CONTEXT, trace, &mut properties)?;
+    }
+    if message.user_properties.len() > limits.max_properties {
+        return Err(ApiError::new(
+            Code::MessagePropertiesTooLarge,
+            format!(
+                "{} has {} entries; the limit is {}",
+                field("user_properties"),
+                message.user_properties.len(),
+                limits.max_properties
+            ),
+        ));
+    }
+    // Sorted, so a message's stored form does not depend on hash order.
+    let mut user: Vec<(&String, &String)> = message.user_properties.iter().collect();
+    user.sort();
+    for (key, value) in user {
+        if key.is_empty() || is_reserved_key(key) || key.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                Code::IllegalMessagePropertyKey,
+                format!(
+                    "{} key {key:?} is empty, reserved or has control characters",
+                    field("user_properties")
+                ),
+            ));
+        }
+        push(key, value, &mut properties)?;
+    }
+    if property_bytes > limits.max_properties_bytes {
+        return Err(ApiError::new(
+            Code::MessagePropertiesTooLarge,
+            format!(
+                "{}: properties, tag and keys take {property_bytes} bytes; the limit is {}",
+                field("user_properties"),
+                limits.max_properties_bytes
+            ),
+        ));
+    }
+    let born_timestamp_ms = system.born_timestamp.map_or(0, |t| {
+        t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000)
+    });
+    let queue_id = u32::try_from(system.queue_id).ok();
+    Ok(CheckedMessage {
+        message_id: system.message_id,
+        queue_id,
+        born_timestamp_ms,
+        properties,
+        body: message.body,
+    })
+}
+
+/// How a message is being handed out, when it is (receive) rather than only read (pull).
+pub struct Delivery<'a> {
+    pub receipt_handle: String,
+    pub attempt: u32,
+    pub invisible_ms: u64,
+    pub store_host: &'a str,
+}
+
+/// The message a consumer sees for a stored record.
+pub fn to_wire(
+    view: &RecordView<'_>,
+    delivery: Option<Delivery<'_>>,
+    store_host: &str,
+) -> v2::Message {
+    let mut user_properties = HashMap::new();
+    let mut system = SystemProperties {
+        body_encoding: Encoding::Identity as i32,
+        message_type: MessageType::Normal as i32,
+        born_timestamp: Some(timestamp(view.born_timestamp_ms)),
+        store_timestamp: Some(timestamp(view.store_timestamp_ms)),
+        store_host: store_host.to_owned(),
+        queue_id: i32::try_from(view.queue_id).unwrap_or(i32::MAX),
+        queue_offset: i64::try_from(view.queue_offset.0).ok(),
+        body_digest: Some(Digest {
+            r#type: DigestType::Md5 as i32,
+            checksum: hex::encode_upper(Md5::digest(view.body)),
+        }),
+        ..SystemProperties::default()
+    };
+    let mut dlq_topic = None;
+    let mut dlq_id = None;
+    for (key, value) in view.properties.iter() {
+        match key {
+            keys::MESSAGE_ID => system.message_id = value.to_owned(),
+            keys::TAG => system.tag = Some(value.to_owned()),
+            keys::KEY => system.keys.push(value.to_owned()),
+            property::BORN_HOST => system.born_host = value.to_owned(),
+            property::TRACE_CONTEXT => system.trace_context = Some(value.to_owned()),
+            property::MESSAGE_GROUP => system.message_group = Some(value.to_owned()),
+            property::DLQ_ORIGIN_TOPIC => dlq_topic = Some(value.to_owned()),
+            property::DLQ_ORIGIN_MESSAGE_ID => dlq_id = Some(value.to_owned()),
+            _ if is_reserved_key(key) => {}
+            _ => {
+                user_properties.insert(key.to_owned(), value.to_owned());
+            }
+        }
+    }
+    if let (Some(topic), Some(message_id)) = (dlq_topic, dlq_id) {
+        system.dead_letter_queue = Some(DeadLetterQueue { topic, message_id });
+    }
+    if system.born_host.is_empty() {
+        system.born_host = view.born_host.ip().to_string();
+    }
+    if let Some(delivery) = delivery {
+        system.receipt_handle = Some(delivery.receipt_handle);
+        system.delivery_attempt = Some(i32::try_from(delivery.attempt).unwrap_or(i32::MAX));
+        system.invisible_duration = Some(duration(delivery.invisible_ms));
+        system.store_host = delivery.store_host.to_owned();
+    }
+    v2::Message {
+        topic: Some(Resource {
+            resource_namespace: String::new(),
+            name: view.topic.to_owned(),
+        }),
+        user_properties,
+        system_properties: Some(system),
+        body: view.body.to_vec(),
+    }
+}
+
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+pub fn duration(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// A protobuf duration in milliseconds; `None` if it is negative or out of range.
+pub fn duration_ms(d: &prost_types::Duration) -> Option<u64> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return None;
+    }
+    u64::try_from(d.seconds)
+        .ok()?
+        .checked_mul(1000)?
+        .checked_add(u64::try_from(d.nanos / 1_000_000).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> v2::Message {
+        v2::Message {
+            topic: Some(Resource {
+                resource_namespace: String::new(),
+                name: "t".into(),
+            }),
+            user_properties: HashMap::from([("k".to_owned(), "v".to_owned())]),
+            system_properties: Some(SystemProperties {
+                message_id: "01ABCDEF".into(),
+                tag: Some("tag".into()),
+                keys: vec!["key1".into(), "key2".into()],
+                message_type: MessageType::Normal as i32,
+                ..SystemProperties::default()
+            }),
+            body: b"body".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_good_message_keeps_its_id_tag_keys_and_properties() {
+        let checked = check(0, message(), &Limits::default()).unwrap();
+        let p = checked.properties.as_ref();
+        assert_eq!(p.get(keys::MESSAGE_ID), Some("01ABCDEF"));
+        assert_eq!(p.get(keys::TAG), Some("tag"));
+        assert_eq!(p.iter().filter(|(k, _)| *k == keys::KEY).count(), 2);
+        assert_eq!(p.get("k"), Some("v"));
+    }
+
+    #[test]
+    fn each_bad_field_has_its_code_and_name() {
+        let limits = Limits {
+            max_body_bytes: 8,
+            ..Limits::default()
+        };
+        let cases: Vec<(Box<dyn Fn(&mut v2::Message)>, Code, &str)> = vec![
+            (
+                Box::new(|m| m.system_properties.as_mut().unwrap().message_id.clear()),
+                Code::IllegalMessageId,
+                "message_id",
+            ),
+            (Box::new(|m| m.body.clear()), Code::BadRequest, "body"),
+            (
+                Box::new(|m| m.body = vec![0; 9]),
+                Code::MessageBodyTooLarge,
+                "body",
+            ),
+            (
+                Box::new(|m| m.system_properties.as_mut().unwrap().tag = Some("a|b".into())),
+                Code::IllegalMessageTag,
+                "tag",
+            ),
+            (
+                Box::new(|m| m.system_properties.as_mut().unwrap().keys = vec![" ".into()]),
+                Code::IllegalMessageKey,
+                "keys",
+            ),
+            (
+                Box::new(|m| {
+                    m.user_properties.insert("UNIQ_KEY".into(), "x".into());
+                }),
+                Code::IllegalMessagePropertyKey,
+                "user_properties",
+            ),
+            (
+                Box::new(|m| {
+                    for i in 0..129 {
+                        m.user_properties.insert(format!("p{i}"), "x".into());
+                    }
+                }),
+                Code::MessagePropertiesTooLarge,
+                "user_properties",
+            ),
+            (
+                Box::new(|m| {
+                    m.user_properties.insert("big".into(), "x".repeat(17 << 10));
+                }),
+                Code::MessagePropertiesTooLarge,
+                "user_properties",
+            ),
+            (
+                Box::new(|m| {
+                    m.system_properties.as_mut().unwrap().message_type = MessageType::Delay as i32
+                }),
+                Code::MessagePropertyConflictWithType,
+                "message_type",
+            ),
+            (
+                Box::new(|m| m.system_properties = None),
+                Code::BadRequest,
+                "system_properties",
+            ),
+        ];
+        for (mutate, code, field) in cases {
+            let mut m = message();
+            mutate(&mut m);
+            let err = check(3, m, &limits).unwrap_err();
+            assert_eq!(err.code, code, "{}", err.message);
+            assert!(
+                err.message.contains("messages[3]") && err.message.contains(field),
+                "{}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn durations_convert_both_ways() {
+        assert_eq!(duration_ms(&duration(12_345)), Some(12_345));
+        assert_eq!(
+            duration_ms(&prost_types::Duration {
+                seconds: -1,
+                nanos: 0
+            }),
+            None
+        );
+        assert_eq!(timestamp(1_500).seconds, 1);
+        assert_eq!(timestamp(1_500).nanos, 500_000_000);
+    }
+}

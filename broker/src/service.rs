@@ -1,0 +1,653 @@
+//! The broker's domain service: what each client request does, independent of gRPC. The
+//! handlers in `grpc/` only convert requests and responses and call in here.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferrumq_nameserver::RouteTable;
+use ferrumq_nameserver::session::{SettingsPolicy, TelemetrySender};
+use ferrumq_protocol::cluster::{BrokerRegistration, TopicRoute};
+use ferrumq_protocol::v2::{
+    self, Code, FilterType, MessageQueue, QueryOffsetPolicy, SendResultEntry, Status,
+};
+use ferrumq_storage::{LogPos, MessageStore, MessageType, NewRecord, QueueOffset, TermIndex};
+use tokio::sync::watch;
+
+use crate::config::{BrokerConfig, FlushPolicy};
+use crate::consumer::{ConsumerGroups, OPS_TOPIC};
+use crate::error::{ApiError, ApiResult};
+use crate::filter::Filter;
+use crate::message::{self, Delivery};
+use crate::metadata::{self, GroupConfig, Metadata, TopicConfig};
+use crate::metrics::Metrics;
+
+/// Where QueryRoute answers come from.
+pub enum Routes {
+    /// Standalone: this process keeps the route table.
+    Embedded(Arc<RouteTable>),
+    /// Cluster: the nameservers keep it; this broker registers with them.
+    Nameservers(Vec<String>),
+}
+
+/// A receive request after its fields were read off the wire.
+pub struct ReceiveRequest<'a> {
+    pub group: &'a str,
+    pub topic: &'a str,
+    pub filter_type: FilterType,
+    pub filter_expression: &'a str,
+    pub batch_size: i32,
+    pub invisible: Option<&'a prost_types::Duration>,
+    pub auto_renew: bool,
+    pub long_polling: Option<&'a prost_types::Duration>,
+    /// When the caller stops waiting (the gRPC deadline).
+    pub deadline: Option<Instant>,
+}
+
+pub struct Broker {
+    pub config: Arc<BrokerConfig>,
+    pub store: Arc<MessageStore>,
+    pub metadata: Arc<Metadata>,
+    pub consumers: Arc<ConsumerGroups>,
+    pub metrics: Arc<Metrics>,
+    pub routes: Routes,
+    /// `host:port` clients use to reach this broker.
+    pub endpoint: String,
+    /// The commit-log position dispatched so far; changes wake waiting receives.
+    pub dispatched: watch::Receiver<u64>,
+    next_queue: AtomicU32,
+    telemetry: Mutex<Vec<(String, TelemetrySender)>>,
+}
+
+/// Lease used for push consumers (auto-renew) that name no invisible duration.
+const AUTO_RENEW_LEASE_MS: u64 = 60_000;
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Broker {
+    pub fn new(
+        config: Arc<BrokerConfig>,
+        store: Arc<MessageStore>,
+        metadata: Arc<Metadata>,
+        consumers: Arc<ConsumerGroups>,
+        metrics: Arc<Metrics>,
+        routes: Routes,
+        endpoint: String,
+        dispatched: watch::Receiver<u64>,
+    ) -> Broker {
+        Broker {
+            config,
+            store,
+            metadata,
+            consumers,
+            metrics,
+            routes,
+            endpoint,
+            dispatched,
+            next_queue: AtomicU32::new(0),
+            telemetry: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn sync_flush(&self) -> bool {
+        self.config.flush == FlushPolicy::Sync
+    }
+
+    /// Waits until the log is durable up to `end` (sync flush), or not at all (async).
+    async fn durable(&self, end: Option<LogPos>) -> ApiResult<()> {
+        match end {
+            Some(end) if self.sync_flush() => self.store.durable(end).await.map_err(|e| {
+                ApiError::new(Code::MasterPersistenceTimeout, format!("flush failed: {e}"))
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stores a SendMessage request's messages. Every message is checked before any is
+    /// stored; the reply comes once they are durable (sync flush).
+    pub async fn send(
+        &self,
+        messages: Vec<v2::Message>,
+        peer: SocketAddr,
+    ) -> ApiResult<Vec<SendResultEntry>> {
+        let result = self.send_inner(messages, peer).await;
+        if result.is_err() {
+            self.metrics.add_send_error();
+        }
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        messages: Vec<v2::Message>,
+        peer: SocketAddr,
+    ) -> ApiResult<Vec<SendResultEntry>> {
+        let limits = &self.config.limits;
+        if messages.is_empty() {
+            return Err(ApiError::bad_request("messages is empty"));
+        }
+        if messages.len() > limits.max_batch_messages {
+            return Err(ApiError::bad_request(format!(
+                "messages has {} entries; the limit is {}",
+                messages.len(),
+                limits.max_batch_messages
+            )));
+        }
+        let topic_name = messages[0]
+            .topic
+            .as_ref()
+            .map(|t| t.name.clone())
+            .unwrap_or_default();
+        if let Some(i) = messages
+            .iter()
+            .position(|m| m.topic.as_ref().map(|t| t.name.as_str()) != Some(topic_name.as_str()))
+        {
+            return Err(ApiError::new(
+                Code::MessageCorrupted,
+                format!(
+                    "messages[{i}].topic differs from messages[0].topic; a batch has one topic"
+                ),
+            ));
+        }
+        metadata::check_topic_name(&topic_name)?;
+        if metadata::is_system_topic(&topic_name) {
+            return Err(ApiError::new(
+                Code::IllegalTopic,
+                format!(
+                    "messages[0].topic {topic_name:?} is a system topic; producers cannot send to it"
+                ),
+            ));
+        }
+        let topic = self.topic_or_create(&topic_name)?;
+        if !topic.accepts(v2::MessageType::Normal) {
+            return Err(ApiError::new(
+                Code::MessagePropertyConflictWithType,
+                format!("topic {topic_name:?} does not accept NORMAL messages"),
+            ));
+        }
+        let checked = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| message::check(i, m, limits))
+            .collect::<ApiResult<Vec<_>>>()?;
+
+        let mut entries = Vec::with_capacity(checked.len());
+        let mut last_end = None;
+        let mut bytes = 0u64;
+        for message in &checked {
+            let queue_id = match message.queue_id {
+                Some(q) if q < topic.queue_count => q,
+                _ => self.next_queue.fetch_add(1, Ordering::Relaxed) % topic.queue_count,
+            };
+            let appended = self.store.append(&NewRecord {
+                topic: &topic.name,
+                queue_id,
+                message_type: MessageType::Normal,
+                born_timestamp_ms: message.born_timestamp_ms,
+                born_host: peer,
+                properties: message.properties.as_ref(),
+                body: &message.body,
+                term_index: TermIndex::default(),
+            })?;
+            bytes += message.body.len() as u64;
+            last_end = Some(appended.end());
+            entries.push(SendResultEntry {
+                status: Some(Status::ok()),
+                message_id: message.message_id.clone(),
+                transaction_id: String::new(),
+                offset: i64::try_from(appended.queue_offset.0).unwrap_or(i64::MAX),
+            });
+        }
+        self.durable(last_end).await?;
+        self.metrics.add_received(entries.len() as u64, bytes);
+        Ok(entries)
+    }
+
+    pub fn topic_or_create(&self, name: &str) -> ApiResult<TopicConfig> {
+        let known = self.metadata.topic(name).is_some();
+        let topic = match name.strip_prefix(metadata::DLQ_PREFIX) {
+            // A group's dead-letter topic exists as soon as the group does.
+            Some(group) if !known => match self.metadata.group(group) {
+                Some(group) => self.metadata.dead_letter_topic(&group)?,
+                None => self.metadata.topic_or_create(name)?,
+            },
+            _ => self.metadata.topic_or_create(name)?,
+        };
+        if !known {
+            tracing::info!(topic = name, queues = topic.queue_count, "topic created");
+            self.publish_routes();
+        }
+        Ok(topic)
+    }
+
+    pub fn group_or_create(&self, name: &str) -> ApiResult<GroupConfig> {
+        metadata::check_group_name(name)?;
+        self.metadata.group_or_create(name, now_ms())
+    }
+
+    fn readable_topic(&self, name: &str) -> ApiResult<TopicConfig> {
+        metadata::check_topic_name(name)?;
+        self.metadata.topic(name).ok_or_else(|| {
+            ApiError::new(
+                Code::TopicNotFound,
+                format!("topic {name:?} does not exist"),
+            )
+        })
+    }
+
+    /// Receives with long polling: returns as soon as there are messages, or when the poll
+    /// time (bounded by the caller's deadline) is up, with none.
+    pub async fn receive(&self, request: ReceiveRequest<'_>) -> ApiResult<Vec<v2::Message>> {
+        let limits = &self.config.limits;
+        let group = self.group_or_create(request.group)?;
+        let topic = self.readable_topic(request.topic)?;
+        let filter = Filter::parse(request.filter_type, request.filter_expression)?;
+        if request.batch_size <= 0 {
+            return Err(ApiError::bad_request(format!(
+                "batch_size is {}; it must be at least 1",
+                request.batch_size
+            )));
+        }
+        let batch = usize::try_from(
+            request
+                .batch_size
+                .unsigned_abs()
+                .min(limits.max_receive_batch),
+        )
+        .unwrap_or(1);
+        let invisible_ms = match request.invisible {
+            Some(d) => {
+                let ms = message::duration_ms(d).unwrap_or(0);
+                if ms < limits.min_invisible_ms || ms > limits.max_invisible_ms {
+                    return Err(ApiError::new(
+                        Code::IllegalInvisibleTime,
+                        format!(
+                            "invisible_duration is {ms} ms; it must be between {} and {} ms",
+                            limits.min_invisible_ms, limits.max_invisible_ms
+                        ),
+                    ));
+                }
+                ms
+            }
+            None if request.auto_renew => AUTO_RENEW_LEASE_MS,
+            None => {
+                return Err(ApiError::new(
+                    Code::IllegalInvisibleTime,
+                    "invisible_duration is missing",
+                ));
+            }
+        };
+        let poll = request
+            .long_polling
+            .and_then(message::duration_ms)
+            .unwrap_or(limits.max_long_polling_ms)
+            .min(limits.max_long_polling_ms);
+        let mut until = Instant::now() + Duration::from_millis(poll);
+        if let Some(deadline) = request.deadline {
+            // Answer before the caller gives up: the Rust client's deadline equals its poll.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let margin = (left / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
+            until = until.min(deadline.checked_sub(margin).unwrap_or_else(Instant::now));
+        }
+        let mut dispatched = self.dispatched.clone();
+        loop {
+            dispatched.borrow_and_update();
+            let received =
+                self.consumers
+                    .receive(&group, &topic, &filter, batch, invisible_ms, now_ms())?;
+            if !received.messages.is_empty() || received.journal_end.is_some() {
+                self.durable(received.journal_end).await?;
+            }
+            if !received.messages.is_empty() {
+                let store_host = self.endpoint.as_str();
+                return Ok(received
+                    .messages
+                    .into_iter()
+                    .map(|d| {
+                        let delivery = Delivery {
+                            receipt_handle: d.handle.encode(&topic.name),
+                            attempt: d.attempt,
+                            invisible_ms,
+                            store_host,
+                        };
+                        message::to_wire(&d.record.view(), Some(delivery), store_host)
+                    })
+                    .collect());
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(Vec::new());
+            }
+            let mut wake = until;
+            if let Some(lease_end) = self.consumers.next_lease_end(&group.name, &topic.name) {
+                let wait = u64::try_from(lease_end.saturating_sub(now_ms())).unwrap_or(0);
+                wake = wake.min(now + Duration::from_millis(wait.max(1)));
+            }
+            tokio::select! {
+                _ = dispatched.changed() => {}
+                () = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    /// Acks `(field name, handle)` pairs; one outcome per entry.
+    pub async fn ack(
+        &self,
+        group: &str,
+        topic: &str,
+        handles: &[(String, String)],
+    ) -> ApiResult<Vec<ApiResult<()>>> {
+        let group = self.known_group(group)?;
+        let topic = self.readable_topic(topic)?;
+        let (outcomes, end) = self.consumers.ack(&group, &topic, handles);
+        self.durable(end).await?;
+        Ok(outcomes)
+    }
+
+    pub async fn change_invisible(
+        &self,
+        group: &str,
+        topic: &str,
+        handle: &str,
+        invisible: Option<&prost_types::Duration>,
+    ) -> ApiResult<String> {
+        let group = self.known_group(group)?;
+        let topic = self.readable_topic(topic)?;
+        let max = self.config.limits.max_invisible_ms;
+        let ms = invisible.and_then(message::duration_ms).ok_or_else(|| {
+            ApiError::new(
+                Code::IllegalInvisibleTime,
+                "invisible_duration is missing or negative",
+            )
+        })?;
+        if ms > max {
+            return Err(ApiError::new(
+                Code::IllegalInvisibleTime,
+                format!("invisible_duration is {ms} ms; the limit is {max} ms"),
+            ));
+        }
+        let (handle, end) =
+            self.consumers
+                .change_invisible(&group, &topic, handle, ms, now_ms())?;
+        self.durable(Some(end)).await?;
+        Ok(handle)
+    }
+
+    pub async fn forward_to_dead_letter(
+        &self,
+        group: &str,
+        topic: &str,
+        handle: &str,
+    ) -> ApiResult<()> {
+        let group = self.known_group(group)?;
+        let topic = self.readable_topic(topic)?;
+        let end = self
+            .consumers
+            .forward_to_dead_letter(&group, &topic, handle)?;
+        self.durable(Some(end)).await
+    }
+
+    fn known_group(&self, name: &str) -> ApiResult<GroupConfig> {
+        metadata::check_group_name(name)?;
+        self.metadata.group(name).ok_or_else(|| {
+            ApiError::new(
+                Code::ConsumerGroupNotFound,
+                format!("consumer group {name:?} does not exist"),
+            )
+        })
+    }
+
+    /// The route of `topic`: from the embedded table, or from a nameserver.
+    pub async fn query_route(&self, topic: &str, client_id: &str) -> ApiResult<Vec<MessageQueue>> {
+        metadata::check_topic_name(topic)?;
+        match &self.routes {
+            Routes::Embedded(table) => {
+                self.topic_or_create(topic)?;
+                table.query(topic).ok_or_else(|| {
+                    ApiError::new(Code::TopicNotFound, format!("topic {topic:?} has no route"))
+                })
+            }
+            Routes::Nameservers(addresses) => {
+                if self.config.topics.auto_create && self.metadata.topic(topic).is_none() {
+                    self.topic_or_create(topic)?;
+                    crate::cluster::register_once(self, addresses).await;
+                }
+                crate::cluster::query_route(addresses, topic, client_id).await
+            }
+        }
+    }
+
+    /// One assignment per broker: this one, any queue (the broker balances by leases).
+    pub fn query_assignment(&self, topic: &str, group: &str) -> ApiResult<Vec<MessageQueue>> {
+        self.group_or_create(group)?;
+        let topic = self.readable_topic(topic)?;
+        Ok(vec![MessageQueue {
+            topic: Some(v2::Resource {
+                resource_namespace: String::new(),
+                name: topic.name.clone(),
+            }),
+            id: -1,
+            permission: v2::Permission::ReadWrite as i32,
+            broker: Some(v2::Broker {
+                name: self.config.broker_name.clone(),
+                id: 0,
+                endpoints: Some(ferrumq_nameserver::route::endpoints(std::slice::from_ref(
+                    &self.endpoint,
+                ))),
+            }),
+            accept_message_types: topic
+                .message_types()
+                .into_iter()
+                .map(|t| t as i32)
+                .collect(),
+        }])
+    }
+
+    /// Reads a queue from an offset without leases (PullMessage); returns the messages and
+    /// the next offset to read.
+    pub async fn pull(
+        &self,
+        topic: &str,
+        queue_id: i32,
+        offset: i64,
+        batch_size: i32,
+        filter: Option<(FilterType, &str)>,
+        long_polling: Option<&prost_types::Duration>,
+    ) -> ApiResult<(Vec<v2::Message>, i64)> {
+        let topic = self.readable_topic(topic)?;
+        let queue_id = self.queue_id(&topic, queue_id)?;
+        let filter = match filter {
+            Some((t, e)) => Filter::parse(t, e)?,
+            None => Filter::All,
+        };
+        let from = u64::try_from(offset)
+            .map_err(|_| ApiError::bad_request(format!("offset {offset} is negative")))?;
+        let batch = u64::from(batch_size.clamp(1, 1024).unsigned_abs());
+        let poll = long_polling
+            .and_then(message::duration_ms)
+            .unwrap_or(0)
+            .min(self.config.limits.max_long_polling_ms);
+        let until = Instant::now() + Duration::from_millis(poll);
+        let mut dispatched = self.dispatched.clone();
+        loop {
+            dispatched.borrow_and_update();
+            let mut messages = Vec::new();
+            let mut next = from;
+            if let Some(queue) = self.store.consume_queue(&topic.name, queue_id) {
+                next = next.max(queue.min_offset().0);
+                while next < queue.max_offset().0 && (messages.len() as u64) < batch {
+                    let Some(entry) = queue.get(QueueOffset(next)) else {
+                        break;
+                    };
+                    next += 1;
+                    if !filter.may_match(entry.tag_hash) {
+                        continue;
+                    }
+                    let record = self.store.read(entry.log_pos)?;
+                    let view = record.view();
+                    if filter.matches(&view.properties) {
+                        messages.push(message::to_wire(&view, None, &self.endpoint));
+                    }
+                }
+            }
+            if !messages.is_empty() || next > from || Instant::now() >= until {
+                return Ok((messages, i64::try_from(next).unwrap_or(i64::MAX)));
+            }
+            tokio::select! {
+                _ = dispatched.changed() => {}
+                () = tokio::time::sleep_until(until.into()) => {}
+            }
+        }
+    }
+
+    pub async fn update_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue_id: i32,
+        offset: i64,
+    ) -> ApiResult<()> {
+        let group = self.group_or_create(group)?;
+        let topic = self.readable_topic(topic)?;
+        let queue_id = self.queue_id(&topic, queue_id)?;
+        let offset = u64::try_from(offset)
+            .map_err(|_| ApiError::bad_request(format!("offset {offset} is negative")))?;
+        let end = self
+            .consumers
+            .update_pull_offset(&group.name, &topic.name, queue_id, offset)?;
+        self.durable(Some(end)).await
+    }
+
+    pub fn get_offset(&self, group: &str, topic: &str, queue_id: i32) -> ApiResult<i64> {
+        let group = self.known_group(group)?;
+        let topic = self.readable_topic(topic)?;
+        let queue_id = self.queue_id(&topic, queue_id)?;
+        self.consumers
+            .pull_offset(&group.name, &topic.name, queue_id)
+            .map(|o| i64::try_from(o).unwrap_or(i64::MAX))
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::NotFound,
+                    format!(
+                        "group {:?} has no offset for {:?} queue {queue_id}",
+                        group.name, topic.name
+                    ),
+                )
+            })
+    }
+
+    pub fn query_offset(
+        &self,
+        topic: &str,
+        queue_id: i32,
+        policy: QueryOffsetPolicy,
+        timestamp_ms: Option<i64>,
+    ) -> ApiResult<i64> {
+        let topic = self.readable_topic(topic)?;
+        let queue_id = self.queue_id(&topic, queue_id)?;
+        let Some(queue) = self.store.consume_queue(&topic.name, queue_id) else {
+            return Ok(0);
+        };
+        let offset = match policy {
+            QueryOffsetPolicy::Beginning => queue.min_offset(),
+            QueryOffsetPolicy::End => queue.max_offset(),
+            QueryOffsetPolicy::Timestamp => {
+                let ms = timestamp_ms
+                    .ok_or_else(|| ApiError::bad_request("timestamp is required with TIMESTAMP"))?;
+                queue.offset_at_time(ms)
+            }
+        };
+        Ok(i64::try_from(offset.0).unwrap_or(i64::MAX))
+    }
+
+    fn queue_id(&self, topic: &TopicConfig, queue_id: i32) -> ApiResult<u32> {
+        u32::try_from(queue_id)
+            .ok()
+            .filter(|q| *q < topic.queue_count)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "message_queue.id {queue_id} is not a queue of topic {:?} (it has {})",
+                    topic.name, topic.queue_count
+                ))
+            })
+    }
+
+    /// The Settings policy for a client: its group's retry rules for consumers.
+    pub fn settings_policy(&self, group: Option<&str>) -> ApiResult<SettingsPolicy> {
+        let mut policy = SettingsPolicy {
+            max_body_size: i32::try_from(self.config.limits.max_body_bytes).unwrap_or(i32::MAX),
+            receive_batch_size: i32::try_from(self.config.limits.max_receive_batch).unwrap_or(32),
+            long_polling_timeout_ms: self.config.limits.max_long_polling_ms,
+            ..SettingsPolicy::default()
+        };
+        if let Some(group) = group.filter(|g| !g.is_empty()) {
+            let group = self.group_or_create(group)?;
+            policy.consumer_max_attempts =
+                i32::try_from(group.max_delivery_attempts).unwrap_or(i32::MAX);
+            policy.retry_backoff_ms = group.retry_backoff_ms;
+        }
+        Ok(policy)
+    }
+
+    /// Keeps a client's Telemetry stream, through which the broker may send it commands.
+    pub fn add_telemetry(self: &Arc<Self>, client_id: String, sender: TelemetrySender) {
+        let mut streams = self
+            .telemetry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        streams.retain(|(_, s)| !s.is_closed());
+        streams.push((client_id, sender));
+    }
+
+    pub fn telemetry_streams(&self) -> usize {
+        let mut streams = self
+            .telemetry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        streams.retain(|(_, s)| !s.is_closed());
+        streams.len()
+    }
+
+    /// What this broker tells nameservers about itself.
+    pub fn registration(&self) -> BrokerRegistration {
+        let topics = self
+            .metadata
+            .topics()
+            .into_iter()
+            .filter(|t| t.name != OPS_TOPIC)
+            .map(|t| TopicRoute {
+                accept_message_types: t.message_types().into_iter().map(|m| m as i32).collect(),
+                name: t.name,
+                queue_count: t.queue_count,
+            })
+            .collect();
+        BrokerRegistration {
+            cluster: self.config.cluster_name.clone(),
+            broker_name: self.config.broker_name.clone(),
+            broker_id: 0,
+            endpoints: vec![self.endpoint.clone()],
+            topics,
+            auto_create_topics: self.config.topics.auto_create,
+        }
+    }
+
+    /// Refreshes the embedded route table after a topic change (cluster mode re-registers
+    /// on its own schedule, and at once when a client asks for a new topic).
+    pub fn publish_routes(&self) {
+        if let Routes::Embedded(table) = &self.routes {
+            table.register(self.registration());
+        }
+    }
+
+    pub fn status_of(result: &ApiResult<()>) -> Status {
+        match result {
+            Ok(()) => Status::ok(),
+            Err(e) => e.status(),
+        }
+    }
+}

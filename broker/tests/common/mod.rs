@@ -1,0 +1,128 @@
+//! Helpers shared by the integration tests: an in-process broker on free ports, and
+//! official RocketMQ 5.0.0 clients pointed at it.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ferrumq_broker::{BrokerConfig, RunningBroker};
+use ferrumq_protocol::admin::admin_service_client::AdminServiceClient;
+use ferrumq_protocol::admin::{CreateGroupRequest, Group, StartPosition};
+use rocketmq::conf::{ClientOption, ProducerOption, SimpleConsumerOption};
+use rocketmq::model::common::{FilterExpression, FilterType};
+use rocketmq::model::message::MessageView;
+use rocketmq::{Producer, SimpleConsumer};
+use tempfile::TempDir;
+
+pub struct TestBroker {
+    pub running: RunningBroker,
+    pub dir: TempDir,
+}
+
+impl TestBroker {
+    pub fn addr(&self) -> SocketAddr {
+        self.running.grpc_addr
+    }
+}
+
+/// A broker on free ports in a temporary directory; `tweak` adjusts the config.
+pub async fn start(tweak: impl FnOnce(&mut BrokerConfig)) -> TestBroker {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = BrokerConfig {
+        data_dir: dir.path().to_owned(),
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        segment_size_bytes: 16 << 20,
+        ..BrokerConfig::default()
+    };
+    config.limits.min_invisible_ms = 1000;
+    tweak(&mut config);
+    let running = ferrumq_broker::start(config).await.unwrap();
+    TestBroker { running, dir }
+}
+
+pub fn client_option(addr: SocketAddr) -> ClientOption {
+    let mut option = ClientOption::default();
+    option.set_access_url(addr.to_string());
+    option.set_enable_tls(false);
+    option.set_timeout(Duration::from_secs(5));
+    option.set_long_polling_timeout(Duration::from_secs(2));
+    option
+}
+
+pub async fn producer(addr: SocketAddr, topic: &str) -> Producer {
+    let mut option = ProducerOption::default();
+    option.set_topics(vec![topic]);
+    let mut producer = Producer::new(option, client_option(addr)).unwrap();
+    producer.start().await.unwrap();
+    producer
+}
+
+pub async fn consumer(addr: SocketAddr, group: &str, topic: &str) -> SimpleConsumer {
+    let mut option = SimpleConsumerOption::default();
+    option.set_consumer_group(group);
+    option.set_topics(vec![topic]);
+    let mut consumer = SimpleConsumer::new(option, client_option(addr)).unwrap();
+    consumer.start().await.unwrap();
+    consumer
+}
+
+pub async fn admin(addr: SocketAddr) -> AdminServiceClient<tonic::transport::Channel> {
+    AdminServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+/// A group that reads from the start of each queue, so no test races its producer.
+pub async fn create_group(addr: SocketAddr, name: &str, max_delivery_attempts: u32) {
+    admin(addr)
+        .await
+        .create_group(CreateGroupRequest {
+            group: Some(Group {
+                name: name.to_owned(),
+                max_delivery_attempts,
+                start_position: StartPosition::Earliest as i32,
+                retry_backoff_ms: Vec::new(),
+                fifo: false,
+            }),
+            update_existing: true,
+        })
+        .await
+        .unwrap();
+}
+
+pub fn tag(expression: &str) -> FilterExpression {
+    FilterExpression::new(FilterType::Tag, expression)
+}
+
+/// Receives (and acks, if `ack`) until `expected` messages arrived or `timeout` passed.
+pub async fn receive_n(
+    consumer: &SimpleConsumer,
+    topic: &str,
+    filter: &FilterExpression,
+    expected: usize,
+    invisible: Duration,
+    ack: bool,
+    timeout: Duration,
+) -> Vec<MessageView> {
+    let deadline = Instant::now() + timeout;
+    let mut all = Vec::new();
+    while all.len() < expected && Instant::now() < deadline {
+        let batch = consumer
+            .receive_with(topic, filter, 32, invisible)
+            .await
+            .unwrap();
+        for message in batch {
+            if ack {
+                consumer.ack(&message).await.unwrap();
+            }
+            all.push(message);
+        }
+    }
+    all
+}
+
+pub fn ids(messages: &[MessageView]) -> HashSet<String> {
+    messages.iter().map(|m| m.message_id().to_owned()).collect()
+}

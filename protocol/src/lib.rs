@@ -1,0 +1,56 @@
+//! ferrumq's wire contract, generated from the `.proto` files under `proto/`.
+//!
+//! - [`v2`]: `apache.rocketmq.v2`, the MessagingService that the official RocketMQ 5 clients
+//!   speak. Field numbers and types match the official clients byte for byte.
+//! - [`admin`]: `ferrumq.admin.v1`, topics, groups, offsets and messages.
+//! - [`cluster`]: `ferrumq.cluster.v1`, broker registration with the nameservers.
+
+#![allow(
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    reason = "generated code"
+)]
+
+/// The generated code refers to other packages by relative module paths, so the modules
+/// mirror the protobuf packages; [`v2`], [`admin`] and [`cluster`] are the short names.
+pub mod apache {
+    pub mod rocketmq {
+        pub mod v2 {
+            tonic::include_proto!("apache.rocketmq.v2");
+        }
+    }
+}
+
+/// See [`apache`].
+pub mod ferrumq {
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("ferrumq.admin.v1");
+        }
+    }
+    pub mod cluster {
+        pub mod v1 {
+            tonic::include_proto!("ferrumq.cluster.v1");
+        }
+    }
+}
+
+pub use apache::rocketmq::v2;
+pub use ferrumq::admin::v1 as admin;
+pub use ferrumq::cluster::v1 as cluster;
+
+impl v2::Status {
+    /// A status with `code` and `message`.
+    pub fn new(code: v2::Code, message: impl Into<String>) -> v2::Status {
+        v2::Status {
+            code: code as i32,
+            message: message.into(),
+        }
+    }
+
+    /// The OK status.
+    pub fn ok() -> v2::Status {
+        v2::Status::new(v2::Code::Ok, "OK")
+    }
+}
