@@ -86,7 +86,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     tracing::info!(
         clean = recovery.clean_shutdown,
         valid_end = recovery.valid_end.0,
-        elapsed_ms = recovery.elapsed.as_millis() as u64,
+        elapsed_ms = u64::try_from(recovery.elapsed.as_millis()).unwrap_or(u64::MAX),
         "storage recovered"
     );
     let metadata = Arc::new(metadata::Metadata::open(&config.data_dir, config.clone())?);
@@ -136,16 +136,16 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     };
     let stop_background = Arc::new(AtomicBool::new(false));
     let dispatched = spawn_dispatch_watch(store.clone(), stop_background.clone());
-    let broker = Arc::new(Broker::new(
-        config.clone(),
-        store.clone(),
+    let broker = Arc::new(Broker::new(service::Parts {
+        config: config.clone(),
+        store: store.clone(),
         metadata,
-        consumers.clone(),
+        consumers: consumers.clone(),
         metrics,
         routes,
-        endpoint.clone(),
+        endpoint: endpoint.clone(),
         dispatched,
-    ));
+    }));
     broker.publish_routes();
     cluster::spawn_heartbeats(&broker);
     spawn_housekeeping(&broker, stop_background.clone());
@@ -265,7 +265,7 @@ fn spawn_housekeeping(broker: &Arc<Broker>, stop: Arc<AtomicBool>) {
             let Some(broker) = weak.upgrade() else { break };
             ticks += 1;
             let consumers = broker.consumers.clone();
-            let snapshot = ticks % 10 == 0;
+            let snapshot = ticks.is_multiple_of(10);
             let result = tokio::task::spawn_blocking(move || {
                 let end = consumers
                     .sweep(service::now_ms())

@@ -363,7 +363,8 @@ mod tests {
             max_body_bytes: 8,
             ..Limits::default()
         };
-        let cases: Vec<(Box<dyn Fn(&mut v2::Message)>, Code, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut v2::Message)>;
+        let cases: Vec<(Mutation, Code, &str)> = vec![
             (
                 Box::new(|m| m.system_properties.as_mut().unwrap().message_id.clear()),
                 Code::IllegalMessageId,

@@ -312,10 +312,10 @@ impl Metadata {
             ));
         }
         let mut state = self.write();
-        if let Some(existing) = state.groups.get(&group.name) {
-            if !replace {
-                return Ok(existing.clone());
-            }
+        if let Some(existing) = state.groups.get(&group.name)
+            && !replace
+        {
+            return Ok(existing.clone());
         }
         let mut group = group;
         if let Some(existing) = state.groups.get(&group.name) {

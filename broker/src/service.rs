@@ -60,6 +60,18 @@ pub struct Broker {
     telemetry: Mutex<Vec<(String, TelemetrySender)>>,
 }
 
+/// What a [`Broker`] is made of; `start` in the crate root opens each part.
+pub struct Parts {
+    pub config: Arc<BrokerConfig>,
+    pub store: Arc<MessageStore>,
+    pub metadata: Arc<Metadata>,
+    pub consumers: Arc<ConsumerGroups>,
+    pub metrics: Arc<Metrics>,
+    pub routes: Routes,
+    pub endpoint: String,
+    pub dispatched: watch::Receiver<u64>,
+}
+
 /// Lease used for push consumers (auto-renew) that name no invisible duration.
 const AUTO_RENEW_LEASE_MS: u64 = 60_000;
 
@@ -70,25 +82,16 @@ pub fn now_ms() -> i64 {
 }
 
 impl Broker {
-    pub fn new(
-        config: Arc<BrokerConfig>,
-        store: Arc<MessageStore>,
-        metadata: Arc<Metadata>,
-        consumers: Arc<ConsumerGroups>,
-        metrics: Arc<Metrics>,
-        routes: Routes,
-        endpoint: String,
-        dispatched: watch::Receiver<u64>,
-    ) -> Broker {
+    pub fn new(parts: Parts) -> Broker {
         Broker {
-            config,
-            store,
-            metadata,
-            consumers,
-            metrics,
-            routes,
-            endpoint,
-            dispatched,
+            config: parts.config,
+            store: parts.store,
+            metadata: parts.metadata,
+            consumers: parts.consumers,
+            metrics: parts.metrics,
+            routes: parts.routes,
+            endpoint: parts.endpoint,
+            dispatched: parts.dispatched,
             next_queue: AtomicU32::new(0),
             telemetry: Mutex::new(Vec::new()),
         }

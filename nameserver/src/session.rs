@@ -99,50 +99,6 @@ pub fn settings_reply(client: &Settings, policy: &SettingsPolicy) -> Settings {
     reply
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ferrumq_protocol::v2::{Publishing, Subscription};
-
-    #[test]
-    fn producers_get_an_exponential_backoff_and_a_body_limit() {
-        let client = Settings {
-            pub_sub: Some(settings::PubSub::Publishing(Publishing::default())),
-            ..Settings::default()
-        };
-        let reply = settings_reply(&client, &SettingsPolicy::default());
-        let Some(settings::PubSub::Publishing(p)) = reply.pub_sub else {
-            panic!()
-        };
-        assert_eq!(p.max_body_size, 4 << 20);
-        assert!(matches!(
-            reply.backoff_policy.unwrap().strategy,
-            Some(retry_policy::Strategy::ExponentialBackoff(_))
-        ));
-    }
-
-    #[test]
-    fn consumers_get_batch_polling_and_retry_schedule() {
-        let client = Settings {
-            pub_sub: Some(settings::PubSub::Subscription(Subscription::default())),
-            ..Settings::default()
-        };
-        let reply = settings_reply(&client, &SettingsPolicy::default());
-        let Some(settings::PubSub::Subscription(s)) = reply.pub_sub else {
-            panic!()
-        };
-        assert_eq!(s.receive_batch_size, Some(32));
-        assert_eq!(s.long_polling_timeout.unwrap().seconds, 20);
-        assert_eq!(reply.backoff_policy.unwrap().max_attempts, 17);
-    }
-
-    #[test]
-    fn a_missing_client_id_is_refused() {
-        let err = client_id(&MetadataMap::new()).unwrap_err();
-        assert_eq!(err.code, Code::ClientIdRequired as i32);
-    }
-}
-
 /// Serves one Telemetry stream: answers each Settings frame with `reply(settings)` and keeps
 /// the stream open until the client closes it (the Rust 5.0.0 client spins if the server
 /// ends it). Returns the sender, through which the server may push commands later, and the
@@ -194,3 +150,47 @@ pub type TelemetryStream = std::pin::Pin<
             > + Send,
     >,
 >;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrumq_protocol::v2::{Publishing, Subscription};
+
+    #[test]
+    fn producers_get_an_exponential_backoff_and_a_body_limit() {
+        let client = Settings {
+            pub_sub: Some(settings::PubSub::Publishing(Publishing::default())),
+            ..Settings::default()
+        };
+        let reply = settings_reply(&client, &SettingsPolicy::default());
+        let Some(settings::PubSub::Publishing(p)) = reply.pub_sub else {
+            panic!()
+        };
+        assert_eq!(p.max_body_size, 4 << 20);
+        assert!(matches!(
+            reply.backoff_policy.unwrap().strategy,
+            Some(retry_policy::Strategy::ExponentialBackoff(_))
+        ));
+    }
+
+    #[test]
+    fn consumers_get_batch_polling_and_retry_schedule() {
+        let client = Settings {
+            pub_sub: Some(settings::PubSub::Subscription(Subscription::default())),
+            ..Settings::default()
+        };
+        let reply = settings_reply(&client, &SettingsPolicy::default());
+        let Some(settings::PubSub::Subscription(s)) = reply.pub_sub else {
+            panic!()
+        };
+        assert_eq!(s.receive_batch_size, Some(32));
+        assert_eq!(s.long_polling_timeout.unwrap().seconds, 20);
+        assert_eq!(reply.backoff_policy.unwrap().max_attempts, 17);
+    }
+
+    #[test]
+    fn a_missing_client_id_is_refused() {
+        let err = client_id(&MetadataMap::new()).unwrap_err();
+        assert_eq!(err.code, Code::ClientIdRequired as i32);
+    }
+}

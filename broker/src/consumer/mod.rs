@@ -2,9 +2,9 @@
 //! growing attempt count, and dead letters.
 //!
 //! A receive hands out messages on a lease that ends after the invisible duration. An ack
-//! finishes a message; a message whose lease ends unacked is delivered again with attempt
-//! + 1, and once it has been delivered `max_delivery_attempts` times it is moved to
-//! `%DLQ%{group}` (keeping its message id) instead. The state lives in memory
+//! finishes a message; a message whose lease ends unacked is delivered again with the
+//! attempt count one higher, and once it has been delivered `max_delivery_attempts` times
+//! it is moved to `%DLQ%{group}` (keeping its message id) instead. The state lives in memory
 //! ([`state::ConsumerState`]); every change is journaled in the commit log (topic
 //! [`OPS_TOPIC`]) before the client hears of it, and a snapshot file bounds the replay.
 

@@ -1,0 +1,319 @@
+//! Each kind of bad input gets its RocketMQ code and a message naming the field, and stores
+//! nothing. Requests the official client cannot make are sent with the raw v2 client.
+#![cfg(test)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{consumer, create_group, producer, start, tag};
+use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
+use ferrumq_protocol::v2::{
+    AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, Code, Message, MessageType,
+    Resource, SendMessageRequest, SystemProperties,
+};
+use rocketmq::model::message::MessageBuilder;
+use tonic::transport::Channel;
+
+fn resource(name: &str) -> Option<Resource> {
+    Some(Resource {
+        resource_namespace: String::new(),
+        name: name.to_owned(),
+    })
+}
+
+fn message(topic: &str, body: &[u8]) -> Message {
+    Message {
+        topic: resource(topic),
+        user_properties: HashMap::new(),
+        system_properties: Some(SystemProperties {
+            message_id: "01020304050607080900000000000000AA".into(),
+            message_type: MessageType::Normal as i32,
+            ..SystemProperties::default()
+        }),
+        body: body.to_vec(),
+    }
+}
+
+fn with_client_id<T>(body: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    request
+        .metadata_mut()
+        .insert("x-mq-client-id", "test@1#1".parse().unwrap());
+    request
+}
+
+async fn send(
+    client: &mut MessagingServiceClient<Channel>,
+    messages: Vec<Message>,
+) -> (i32, String) {
+    let response = client
+        .send_message(with_client_id(SendMessageRequest { messages }))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = response.status.unwrap();
+    (status.code, status.message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
+    let broker = start(|c| {
+        c.topics.auto_create = false;
+        c.limits.max_body_bytes = 1024;
+    })
+    .await;
+    let admin = &mut common::admin(broker.addr()).await;
+    admin
+        .create_topic(ferrumq_protocol::admin::CreateTopicRequest {
+            topic: Some(ferrumq_protocol::admin::Topic {
+                name: "t".into(),
+                queue_count: 2,
+                accept_message_types: vec![],
+            }),
+            update_existing: false,
+        })
+        .await
+        .unwrap();
+    let log = broker.running.broker.store.log();
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+
+    // No client id.
+    let before = log.written_pos();
+    let response = client
+        .send_message(tonic::Request::new(SendMessageRequest {
+            messages: vec![message("t", b"x")],
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.status.unwrap().code, Code::ClientIdRequired as i32);
+    assert_eq!(log.written_pos(), before);
+
+    let mut reserved = message("t", b"x");
+    reserved
+        .user_properties
+        .insert("UNIQ_KEY".into(), "v".into());
+    let mut too_many = message("t", b"x");
+    for i in 0..129 {
+        too_many.user_properties.insert(format!("k{i}"), "v".into());
+    }
+    let mut too_large = message("t", b"x");
+    too_large
+        .user_properties
+        .insert("big".into(), "v".repeat(20 << 10));
+    let mut no_id = message("t", b"x");
+    no_id.system_properties.as_mut().unwrap().message_id.clear();
+    let mut bad_tag = message("t", b"x");
+    bad_tag.system_properties.as_mut().unwrap().tag = Some("a|b".into());
+    let mut delay = message("t", b"x");
+    delay.system_properties.as_mut().unwrap().message_type = MessageType::Delay as i32;
+    let cases: Vec<(Vec<Message>, Code, &str)> = vec![
+        (
+            vec![message("bad topic", b"x")],
+            Code::IllegalTopic,
+            "topic",
+        ),
+        (
+            vec![message("rmq_sys_x", b"x")],
+            Code::IllegalTopic,
+            "system topic",
+        ),
+        (
+            vec![message("%DLQ%g", b"x")],
+            Code::IllegalTopic,
+            "system topic",
+        ),
+        (
+            vec![message("unknown", b"x")],
+            Code::TopicNotFound,
+            "unknown",
+        ),
+        (
+            vec![message("t", &[7; 1025])],
+            Code::MessageBodyTooLarge,
+            "messages[0].body",
+        ),
+        (
+            vec![message("t", b"")],
+            Code::BadRequest,
+            "messages[0].body",
+        ),
+        (
+            vec![reserved],
+            Code::IllegalMessagePropertyKey,
+            "user_properties",
+        ),
+        (
+            vec![too_many],
+            Code::MessagePropertiesTooLarge,
+            "user_properties",
+        ),
+        (
+            vec![too_large],
+            Code::MessagePropertiesTooLarge,
+            "user_properties",
+        ),
+        (vec![no_id], Code::IllegalMessageId, "message_id"),
+        (vec![bad_tag], Code::IllegalMessageTag, "tag"),
+        (
+            vec![delay],
+            Code::MessagePropertyConflictWithType,
+            "message_type",
+        ),
+        // A good message followed by a bad one: neither is stored.
+        (
+            vec![message("t", b"fine"), message("t", &[7; 1025])],
+            Code::MessageBodyTooLarge,
+            "messages[1].body",
+        ),
+        (
+            vec![message("t", b"x"), message("u", b"x")],
+            Code::MessageCorrupted,
+            "messages[1].topic",
+        ),
+        (vec![], Code::BadRequest, "messages"),
+    ];
+    for (messages, code, field) in cases {
+        let before = log.written_pos();
+        let (got, text) = send(&mut client, messages).await;
+        assert_eq!(got, code as i32, "{text}");
+        assert!(text.contains(field), "{text:?} should name {field:?}");
+        assert_eq!(log.written_pos(), before, "{text}: nothing stored");
+    }
+    assert!(broker.running.broker.metadata.topic("unknown").is_none());
+
+    // The same refusals reach the official client without making it panic.
+    let producer = producer(broker.addr(), "t").await;
+    let big = MessageBuilder::builder()
+        .set_topic("t")
+        .set_body(vec![0; 2048])
+        .build()
+        .unwrap();
+    let err = producer.send(big).await.unwrap_err();
+    assert!(err.to_string().contains("MESSAGE_BODY_TOO_LARGE"), "{err}");
+    let delay = MessageBuilder::delay_message_builder("t", b"x".to_vec(), 4_000_000_000)
+        .build()
+        .unwrap();
+    let err = producer.send(delay).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("MESSAGE_PROPERTY_CONFLICT_WITH_TYPE"),
+        "{err}"
+    );
+    let reserved = MessageBuilder::builder()
+        .set_topic("t")
+        .set_body(b"x".to_vec())
+        .set_properties(HashMap::from([("TRAN_MSG".to_owned(), "true".to_owned())]))
+        .build()
+        .unwrap();
+    let err = producer.send(reserved).await.unwrap_err();
+    assert!(
+        err.to_string().contains("ILLEGAL_MESSAGE_PROPERTY_KEY"),
+        "{err}"
+    );
+    broker.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_receipt_handles_and_invisible_durations_are_refused() {
+    let broker = start(|_| {}).await;
+    create_group(broker.addr(), "g", 17).await;
+    let producer = producer(broker.addr(), "t").await;
+    producer
+        .send(
+            MessageBuilder::builder()
+                .set_topic("t")
+                .set_body(b"x".to_vec())
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let consumer = consumer(broker.addr(), "g", "t").await;
+
+    // Below the minimum invisible duration (1 s in tests).
+    let err = consumer
+        .receive_with("t", &tag("*"), 32, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("ILLEGAL_INVISIBLE_TIME"), "{err}");
+
+    let received = common::receive_n(
+        &consumer,
+        "t",
+        &tag("*"),
+        1,
+        Duration::from_secs(30),
+        false,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(received.len(), 1);
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    let log = broker.running.broker.store.log();
+    for handle in ["", "garbage", "f1.0.0.1.00000000", "f1.0.0.1.00000000.9"] {
+        let before = log.written_pos();
+        let response = client
+            .ack_message(with_client_id(AckMessageRequest {
+                group: resource("g"),
+                topic: resource("t"),
+                entries: vec![AckMessageEntry {
+                    message_id: "m".into(),
+                    receipt_handle: handle.into(),
+                }],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let status = response.status.unwrap();
+        assert_eq!(
+            status.code,
+            Code::InvalidReceiptHandle as i32,
+            "{handle:?}: {}",
+            status.message
+        );
+        assert!(
+            status.message.contains("entries[0].receipt_handle"),
+            "{}",
+            status.message
+        );
+        assert_eq!(response.entries.len(), 1);
+        assert_eq!(log.written_pos(), before);
+    }
+    let response = client
+        .change_invisible_duration(with_client_id(ChangeInvisibleDurationRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            receipt_handle: "garbage".into(),
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            message_id: "m".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response.status.unwrap().code,
+        Code::InvalidReceiptHandle as i32
+    );
+
+    // Acking twice is fine: the second ack changes nothing.
+    consumer.ack(&received[0]).await.unwrap();
+    let before = log.written_pos();
+    consumer.ack(&received[0]).await.unwrap();
+    assert_eq!(log.written_pos(), before, "a repeated ack writes nothing");
+    broker.running.shutdown().await.unwrap();
+}

@@ -1,0 +1,144 @@
+//! A broker joined to a nameserver: clients use the nameserver as their access point, and
+//! the nameserver drops the broker once it stops heartbeating.
+#![cfg(test)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{consumer, create_group, producer, receive_n, start, tag};
+use ferrumq_nameserver::{NameServer, RouteTable};
+use ferrumq_protocol::cluster::ListBrokersRequest;
+use ferrumq_protocol::cluster::cluster_service_client::ClusterServiceClient;
+use ferrumq_protocol::cluster::cluster_service_server::ClusterServiceServer;
+use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
+use ferrumq_protocol::v2::messaging_service_server::MessagingServiceServer;
+use ferrumq_protocol::v2::{Code, QueryRouteRequest, Resource};
+use rocketmq::model::message::MessageBuilder;
+
+async fn start_nameserver(expiry: Duration) -> SocketAddr {
+    let routes = Arc::new(RouteTable::new(expiry));
+    NameServer::spawn_expiry(&routes, Duration::from_millis(50));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heartbeat = Duration::from_millis(200);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ClusterServiceServer::new(NameServer::new(
+                routes.clone(),
+                heartbeat,
+            )))
+            .add_service(MessagingServiceServer::new(NameServer::new(
+                routes, heartbeat,
+            )))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+async fn route_code(nameserver: SocketAddr, topic: &str) -> i32 {
+    let mut client = MessagingServiceClient::connect(format!("http://{nameserver}"))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(QueryRouteRequest {
+        topic: Some(Resource {
+            resource_namespace: String::new(),
+            name: topic.into(),
+        }),
+        endpoints: None,
+    });
+    request
+        .metadata_mut()
+        .insert("x-mq-client-id", "t@1#1".parse().unwrap());
+    client
+        .query_route(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .code
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reach_the_broker_through_the_nameserver_which_drops_it_when_silent() {
+    let nameserver = start_nameserver(Duration::from_millis(1000)).await;
+    let broker = start(|c| {
+        c.nameservers = vec![nameserver.to_string()];
+        c.heartbeat_interval_ms = 200;
+        c.broker_expiry_ms = 1000;
+    })
+    .await;
+    create_group(broker.addr(), "g", 17).await;
+
+    // The nameserver is the access point; sends and receives go to the broker it names.
+    let producer = producer(nameserver, "routed").await;
+    let receipt = producer
+        .send(
+            MessageBuilder::builder()
+                .set_topic("routed")
+                .set_body(b"via nameserver".to_vec())
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let consumer = consumer(nameserver, "g", "routed").await;
+    let got = receive_n(
+        &consumer,
+        "routed",
+        &tag("*"),
+        1,
+        Duration::from_secs(30),
+        true,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message_id(), receipt.message_id());
+    let _ = producer.shutdown().await;
+    let _ = consumer.shutdown().await;
+
+    let mut cluster = ClusterServiceClient::connect(format!("http://{nameserver}"))
+        .await
+        .unwrap();
+    let brokers = cluster
+        .list_brokers(ListBrokersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .brokers;
+    assert_eq!(brokers.len(), 1);
+    assert_eq!(route_code(nameserver, "routed").await, Code::Ok as i32);
+
+    // The broker stops; within the expiry it leaves the routes.
+    broker.running.shutdown().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let brokers = cluster
+            .list_brokers(ListBrokersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .brokers;
+        if brokers.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the silent broker was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        route_code(nameserver, "routed").await,
+        Code::TopicNotFound as i32
+    );
+}
