@@ -4,9 +4,12 @@
 //!   fsync count and append latency (until durable, in `sync` mode).
 //! - `recovery`: fills a log, crashes a child process with SIGKILL, and times the reopen.
 //! - `machine`: the machine's own limits, to read the other figures against.
+//! - `produce`, `consume`, `e2e`: load against a running broker over the RocketMQ v2 protocol.
 #![allow(clippy::print_stdout, reason = "a command-line tool prints its report")]
 
 mod machine;
+mod network;
+mod null_server;
 mod recovery;
 mod report;
 mod storage;
@@ -31,6 +34,14 @@ enum Command {
     #[command(hide = true)]
     RecoveryFill(recovery::FillArgs),
     Machine(machine::MachineArgs),
+    /// Send messages to a broker as fast as C requests in flight allow.
+    Produce(network::NetArgs),
+    /// Drain a backlog: receive a batch, ack it in one request.
+    Consume(network::NetArgs),
+    /// Latency from send to a waiting receiver at a fixed rate.
+    E2e(network::NetArgs),
+    /// A MessagingService that stores nothing: the ceiling for `produce`.
+    NullServer(null_server::NullServerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +56,9 @@ fn main() -> anyhow::Result<()> {
         Command::Recovery(args) => recovery::run(&args),
         Command::RecoveryFill(args) => recovery::fill(&args),
         Command::Machine(args) => machine::run(&args),
+        Command::Produce(args) => network::produce(&args),
+        Command::Consume(args) => network::consume(&args),
+        Command::E2e(args) => network::e2e(&args),
+        Command::NullServer(args) => null_server::run(&args),
     }
 }

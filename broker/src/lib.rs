@@ -156,7 +156,6 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let mut router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(
             MessagingServiceServer::new(grpc::messaging::MessagingApi::new(broker.clone()))
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
@@ -172,7 +171,9 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         )));
     }
     let grpc_server = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        // Without TCP_NODELAY a reply can sit 40 ms waiting for the client's delayed ACK.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let shutdown = async {
             let _ = stop_rx.await;
             let _ = http_stop_tx.send(());

@@ -68,7 +68,7 @@ pub struct CheckedMessage {
     pub queue_id: Option<u32>,
     pub born_timestamp_ms: i64,
     pub properties: Properties,
-    pub body: Vec<u8>,
+    pub body: bytes::Bytes,
 }
 
 /// Checks one message of a SendMessage request against the limits. `index` names it in
@@ -296,7 +296,7 @@ pub fn to_wire(
         }),
         user_properties,
         system_properties: Some(system),
-        body: view.body.to_vec(),
+        body: bytes::Bytes::copy_from_slice(view.body),
     }
 }
 
@@ -343,7 +343,7 @@ mod tests {
                 message_type: MessageType::Normal as i32,
                 ..SystemProperties::default()
             }),
-            body: b"body".to_vec(),
+            body: bytes::Bytes::from_static(b"body"),
         }
     }
 
@@ -370,9 +370,13 @@ mod tests {
                 Code::IllegalMessageId,
                 "message_id",
             ),
-            (Box::new(|m| m.body.clear()), Code::BadRequest, "body"),
             (
-                Box::new(|m| m.body = vec![0; 9]),
+                Box::new(|m| m.body = bytes::Bytes::new()),
+                Code::BadRequest,
+                "body",
+            ),
+            (
+                Box::new(|m| m.body = vec![0; 9].into()),
                 Code::MessageBodyTooLarge,
                 "body",
             ),

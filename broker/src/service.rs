@@ -179,33 +179,36 @@ impl Broker {
             .map(|(i, m)| message::check(i, m, limits))
             .collect::<ApiResult<Vec<_>>>()?;
 
-        let mut entries = Vec::with_capacity(checked.len());
-        let mut last_end = None;
-        let mut bytes = 0u64;
-        for message in &checked {
-            let queue_id = match message.queue_id {
-                Some(q) if q < topic.queue_count => q,
-                _ => self.next_queue.fetch_add(1, Ordering::Relaxed) % topic.queue_count,
-            };
-            let appended = self.store.append(&NewRecord {
+        let records: Vec<NewRecord<'_>> = checked
+            .iter()
+            .map(|message| NewRecord {
                 topic: &topic.name,
-                queue_id,
+                queue_id: match message.queue_id {
+                    Some(q) if q < topic.queue_count => q,
+                    _ => self.next_queue.fetch_add(1, Ordering::Relaxed) % topic.queue_count,
+                },
                 message_type: MessageType::Normal,
                 born_timestamp_ms: message.born_timestamp_ms,
                 born_host: peer,
                 properties: message.properties.as_ref(),
                 body: &message.body,
                 term_index: TermIndex::default(),
-            })?;
-            bytes += message.body.len() as u64;
-            last_end = Some(appended.end());
-            entries.push(SendResultEntry {
+            })
+            .collect();
+        let mut appended = Vec::with_capacity(records.len());
+        self.store.append_batch(&records, &mut appended)?;
+        let last_end = appended.last().map(|a| a.end());
+        let bytes: u64 = checked.iter().map(|m| m.body.len() as u64).sum();
+        let entries: Vec<SendResultEntry> = checked
+            .iter()
+            .zip(&appended)
+            .map(|(message, appended)| SendResultEntry {
                 status: Some(Status::ok()),
                 message_id: message.message_id.clone(),
                 transaction_id: String::new(),
                 offset: i64::try_from(appended.queue_offset.0).unwrap_or(i64::MAX),
-            });
-        }
+            })
+            .collect();
         self.durable(last_end).await?;
         self.metrics.add_received(entries.len() as u64, bytes);
         Ok(entries)
@@ -300,12 +303,11 @@ impl Broker {
         let mut dispatched = self.dispatched.clone();
         loop {
             dispatched.borrow_and_update();
+            // The lease record is not awaited: a process crash keeps it (it is in the page
+            // cache), and if a machine crash loses it, the message is only delivered again.
             let received =
                 self.consumers
                     .receive(&group, &topic, &filter, batch, invisible_ms, now_ms())?;
-            if !received.messages.is_empty() || received.journal_end.is_some() {
-                self.durable(received.journal_end).await?;
-            }
             if !received.messages.is_empty() {
                 let store_host = self.endpoint.as_str();
                 return Ok(received

@@ -37,7 +37,7 @@ fn message(topic: &str, body: &[u8]) -> Message {
             message_type: MessageType::Normal as i32,
             ..SystemProperties::default()
         }),
-        body: body.to_vec(),
+        body: body.to_vec().into(),
     }
 }
 

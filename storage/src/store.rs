@@ -205,6 +205,12 @@ impl MessageStore {
         self.inner.log.append(record)
     }
 
+    /// Appends records in order under one lock, all or none; see `CommitLog::append_batch`.
+    pub fn append_batch(&self, records: &[NewRecord<'_>], out: &mut Vec<Appended>) -> Result<()> {
+        self.wait_for_dispatcher();
+        self.inner.log.append_batch(records, out)
+    }
+
     fn wait_for_dispatcher(&self) {
         let lag = self.inner.options.max_dispatch_lag_bytes;
         let written = self.inner.log.written_pos();
