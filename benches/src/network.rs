@@ -156,23 +156,37 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Runs `concurrency` copies of `task` at once; each returns the latencies it saw.
+async fn run_tasks<F, Fut>(
+    concurrency: usize,
+    task: F,
+) -> anyhow::Result<(Duration, Histogram<u64>)>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Histogram<u64>>> + Send + 'static,
+{
+    let start = Instant::now();
+    let handles: Vec<_> = (0..concurrency).map(|_| tokio::spawn(task())).collect();
+    let mut histogram = new_histogram()?;
+    for handle in handles {
+        histogram.add(&handle.await??)?;
+    }
+    Ok((start.elapsed(), histogram))
+}
+
+fn micros_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 async fn produce_raw(args: &NetArgs) -> anyhow::Result<(Duration, Histogram<u64>)> {
     let client = connect(&args.endpoint).await?;
     let next = Arc::new(AtomicU64::new(0));
-    let histogram = Arc::new(Mutex::new(new_histogram()?));
     // One buffer shared by every message: the client copies nothing per send.
     let body = bytes::Bytes::from(vec![b'x'; args.size]);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let (mut client, next, histogram, body, args) = (
-            client.clone(),
-            next.clone(),
-            histogram.clone(),
-            body.clone(),
-            args.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
+    run_tasks(args.concurrency, || {
+        let (mut client, next, body, args) =
+            (client.clone(), next.clone(), body.clone(), args.clone());
+        async move {
             let mut local = new_histogram()?;
             loop {
                 let first = next.fetch_add(args.batch as u64, Ordering::Relaxed);
@@ -192,18 +206,12 @@ async fn produce_raw(args: &NetArgs) -> anyhow::Result<(Duration, Histogram<u64>
                 if status.code != Code::Ok as i32 {
                     bail!("send failed: {} {}", status.code, status.message);
                 }
-                local.record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX))?;
+                local.record(micros_since(sent))?;
             }
-            histogram.lock().await.add(&local)?;
-            Ok::<(), anyhow::Error>(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    let elapsed = start.elapsed();
-    let histogram = histogram.lock().await.clone();
-    Ok((elapsed, histogram))
+            Ok(local)
+        }
+    })
+    .await
 }
 
 async fn produce_official(args: &NetArgs) -> anyhow::Result<(Duration, Histogram<u64>)> {
@@ -219,17 +227,9 @@ async fn produce_official(args: &NetArgs) -> anyhow::Result<(Duration, Histogram
     producer.start().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let producer = Arc::new(producer);
     let next = Arc::new(AtomicU64::new(0));
-    let histogram = Arc::new(Mutex::new(new_histogram()?));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let (producer, next, histogram, args) = (
-            producer.clone(),
-            next.clone(),
-            histogram.clone(),
-            args.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
+    run_tasks(args.concurrency, || {
+        let (producer, next, args) = (producer.clone(), next.clone(), args.clone());
+        async move {
             let mut local = new_histogram()?;
             while next.fetch_add(1, Ordering::Relaxed) < args.count {
                 let message = MessageBuilder::builder()
@@ -242,18 +242,12 @@ async fn produce_official(args: &NetArgs) -> anyhow::Result<(Duration, Histogram
                     .send(message)
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
-                local.record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX))?;
+                local.record(micros_since(sent))?;
             }
-            histogram.lock().await.add(&local)?;
-            Ok::<(), anyhow::Error>(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    let elapsed = start.elapsed();
-    let histogram = histogram.lock().await.clone();
-    Ok((elapsed, histogram))
+            Ok(local)
+        }
+    })
+    .await
 }
 
 /// Creates the topic (if new) and a group that reads it from the start.

@@ -246,7 +246,7 @@ fn spawn_dispatch_watch(store: Arc<MessageStore>, stop: Arc<AtomicBool>) -> watc
             }
         });
     if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the dispatch watcher; receives will poll");
+        tracing::error!(error = %e, "cannot start the dispatch watcher; receives wait out their poll time");
     }
     rx
 }

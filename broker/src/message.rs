@@ -218,7 +218,9 @@ pub fn check(index: usize, message: v2::Message, limits: &Limits) -> ApiResult<C
         ));
     }
     let born_timestamp_ms = system.born_timestamp.map_or(0, |t| {
-        t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000)
+        t.seconds
+            .saturating_mul(1000)
+            .saturating_add(i64::from(t.nanos / 1_000_000))
     });
     let queue_id = u32::try_from(system.queue_id).ok();
     Ok(CheckedMessage {

@@ -75,6 +75,19 @@ pub struct Parts {
 /// Lease used for push consumers (auto-renew) that name no invisible duration.
 const AUTO_RENEW_LEASE_MS: u64 = 60_000;
 
+/// Waits until dispatch moves or `until`, whichever is first. Without a dispatch watcher
+/// (it stopped), waits until `until`, so a long poll never spins.
+async fn wait_for_progress(dispatched: &mut watch::Receiver<u64>, until: Instant) {
+    tokio::select! {
+        changed = dispatched.changed() => {
+            if changed.is_err() {
+                tokio::time::sleep_until(until.into()).await;
+            }
+        }
+        () = tokio::time::sleep_until(until.into()) => {}
+    }
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -324,6 +337,10 @@ impl Broker {
                     })
                     .collect());
             }
+            if received.more {
+                tokio::task::yield_now().await;
+                continue;
+            }
             let now = Instant::now();
             if now >= until {
                 return Ok(Vec::new());
@@ -333,10 +350,7 @@ impl Broker {
                 let wait = u64::try_from(lease_end.saturating_sub(now_ms())).unwrap_or(0);
                 wake = wake.min(now + Duration::from_millis(wait.max(1)));
             }
-            tokio::select! {
-                _ = dispatched.changed() => {}
-                () = tokio::time::sleep_until(wake.into()) => {}
-            }
+            wait_for_progress(&mut dispatched, wake).await;
         }
     }
 
@@ -503,10 +517,7 @@ impl Broker {
             if !messages.is_empty() || next > from || Instant::now() >= until {
                 return Ok((messages, i64::try_from(next).unwrap_or(i64::MAX)));
             }
-            tokio::select! {
-                _ = dispatched.changed() => {}
-                () = tokio::time::sleep_until(until.into()) => {}
-            }
+            wait_for_progress(&mut dispatched, until).await;
         }
     }
 

@@ -125,7 +125,12 @@ where
                         status: Some(Status::ok()),
                         command: Some(Command::Settings(settings)),
                     }),
-                    Err(status) => Err(tonic::Status::invalid_argument(status.message)),
+                    // A refusal travels as a status frame: ending the stream would make the
+                    // Rust client spin.
+                    Err(status) => Ok(TelemetryCommand {
+                        status: Some(status),
+                        command: None,
+                    }),
                 },
                 // Thread dumps and verification results are not asked for.
                 _ => continue,

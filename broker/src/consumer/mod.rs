@@ -48,6 +48,9 @@ pub struct Delivered {
 pub struct Received {
     pub messages: Vec<Delivered>,
     pub journal_end: Option<LogPos>,
+    /// The scan stopped at its limit with messages left to look at (a heavily filtered
+    /// queue): receive again at once rather than wait for new messages.
+    pub more: bool,
 }
 
 pub struct ConsumerGroups {
@@ -56,6 +59,11 @@ pub struct ConsumerGroups {
     metrics: Arc<Metrics>,
     snapshot_path: PathBuf,
     state: Mutex<ConsumerState>,
+    /// One snapshot at a time; they share a temporary file.
+    snapshot_lock: Mutex<()>,
+    /// Where the last journaled op ends: a snapshot waits until it is durable, so it never
+    /// names an op that a machine crash could take back.
+    last_op_end: std::sync::atomic::AtomicU64,
 }
 
 impl ConsumerGroups {
@@ -75,8 +83,22 @@ impl ConsumerGroups {
             None => ConsumerState::default(),
         };
         // Every recovered record must be in its consume queue before the journal is read.
-        store.wait_dispatched(store.log().written_pos(), Duration::from_secs(60));
+        if !store.wait_dispatched(store.log().written_pos(), Duration::from_secs(60)) {
+            return Err(BrokerError::Corrupt {
+                path: dir.join("store"),
+                reason: "the dispatcher did not catch up with the log within 60 s".into(),
+            });
+        }
         let mut replayed = 0u64;
+        let journal_end = store
+            .consume_queue(OPS_TOPIC, 0)
+            .map_or(0, |q| q.max_offset().0);
+        if state.last_op.is_some_and(|last| last >= journal_end) {
+            // The snapshot names ops the log no longer has; new ops will reuse those
+            // offsets, so replay must not skip them.
+            tracing::warn!(snapshot = ?state.last_op, journal_end, "snapshot ahead of the journal");
+            state.last_op = journal_end.checked_sub(1);
+        }
         if let Some(queue) = store.consume_queue(OPS_TOPIC, 0) {
             let first = state.last_op.map_or(0, |o| o + 1).max(queue.min_offset().0);
             if let Some(last) = state.last_op
@@ -111,6 +133,8 @@ impl ConsumerGroups {
             metrics,
             snapshot_path,
             state: Mutex::new(state),
+            snapshot_lock: Mutex::new(()),
+            last_op_end: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -135,8 +159,15 @@ impl ConsumerGroups {
         let mut records = Vec::new();
         let queue_ids = rotation(topic.queue_count, state.epoch);
 
-        // Leases that ended: deliver again, or dead-letter at the last attempt.
-        for &queue_id in &queue_ids {
+        // Leases that ended: deliver again, or dead-letter at the last attempt. Every queue
+        // id the group holds leases on counts, even one a re-created topic no longer has.
+        let held: Vec<u32> = state
+            .groups
+            .get(&group.name)
+            .and_then(|t| t.get(&topic.name))
+            .map(|q| q.keys().copied().collect())
+            .unwrap_or_default();
+        for queue_id in held {
             let expired: Vec<(u64, Lease)> = state
                 .queue(&group.name, &topic.name, queue_id)
                 .map(|q| {
@@ -168,7 +199,10 @@ impl ConsumerGroups {
             }
         }
 
-        // New messages, queue by queue.
+        // New messages, queue by queue. How far each queue was scanned is kept aside and
+        // recorded only once the deliveries are journaled: a failure leaves nothing skipped.
+        let mut scanned = Vec::new();
+        let mut more = false;
         for &queue_id in &queue_ids {
             if picked.len() >= batch {
                 break;
@@ -178,10 +212,16 @@ impl ConsumerGroups {
             };
             let start = || start_offset(group, &queue);
             let qs = state.queue_mut(&group.name, &topic.name, queue_id, start);
+            // Retention deleted what the group never finished: nothing is left to deliver.
+            qs.skip_below(queue.min_offset().0);
             let end = queue.max_offset().0;
-            let mut offset = qs.next_unscanned().max(queue.min_offset().0);
+            let mut offset = qs.next_unscanned();
             let scan_limit = offset.saturating_add(MAX_SCAN_PER_RECEIVE);
-            while offset < end && offset < scan_limit && picked.len() < batch {
+            while offset < end && picked.len() < batch {
+                if offset >= scan_limit {
+                    more = true;
+                    break;
+                }
                 if qs.is_done(offset) || qs.leases.contains_key(&offset) {
                     offset += 1;
                     continue;
@@ -209,13 +249,27 @@ impl ConsumerGroups {
                 }
                 offset += 1;
             }
-            qs.scanned = offset;
+            scanned.push((queue_id, offset));
         }
+        let record_scans = |state: &mut ConsumerState| {
+            for (queue_id, offset) in &scanned {
+                if let Some(q) = state
+                    .groups
+                    .get_mut(&group.name)
+                    .and_then(|t| t.get_mut(&topic.name))
+                    .and_then(|q| q.get_mut(queue_id))
+                {
+                    q.scanned = q.scanned.max(*offset);
+                }
+            }
+        };
 
         if picked.is_empty() {
+            record_scans(&mut state);
             return Ok(Received {
                 messages: Vec::new(),
                 journal_end,
+                more,
             });
         }
         let epoch = state.next_epoch();
@@ -228,6 +282,7 @@ impl ConsumerGroups {
             visible_at_ms: now_ms.saturating_add(invisible),
         };
         journal_end = Some(self.journal(&mut state, op)?);
+        record_scans(&mut state);
         drop(state);
         self.metrics.add_delivered(picked.len() as u64);
         let messages = picked
@@ -246,6 +301,7 @@ impl ConsumerGroups {
         Ok(Received {
             messages,
             journal_end,
+            more,
         })
     }
 
@@ -307,15 +363,7 @@ impl ConsumerGroups {
         now_ms: i64,
     ) -> ApiResult<(String, LogPos)> {
         let mut state = self.lock();
-        let handle = ReceiptHandle::decode(text, &topic.name, "receipt_handle")?;
-        if let LeaseCheck::AlreadyDone =
-            check_lease(&state, group, topic, &handle, "receipt_handle")?
-        {
-            return Err(ApiError::new(
-                Code::InvalidReceiptHandle,
-                "receipt_handle: the message is already acked",
-            ));
-        }
+        let handle = current_lease(&state, group, topic, text)?;
         let epoch = state.next_epoch();
         let op = Op::Renew {
             group: group.name.clone(),
@@ -338,15 +386,7 @@ impl ConsumerGroups {
         text: &str,
     ) -> ApiResult<LogPos> {
         let mut state = self.lock();
-        let handle = ReceiptHandle::decode(text, &topic.name, "receipt_handle")?;
-        if let LeaseCheck::AlreadyDone =
-            check_lease(&state, group, topic, &handle, "receipt_handle")?
-        {
-            return Err(ApiError::new(
-                Code::InvalidReceiptHandle,
-                "receipt_handle: the message is already acked",
-            ));
-        }
+        let handle = current_lease(&state, group, topic, text)?;
         let record = self
             .record_at(&topic.name, handle.queue_id, handle.offset)
             .ok_or_else(|| {
@@ -479,13 +519,22 @@ impl ConsumerGroups {
 
     /// Writes the snapshot, so recovery replays only the journal written after it.
     pub fn snapshot(&self) -> Result<(), BrokerError> {
-        let bytes = {
+        let _one_at_a_time = self
+            .snapshot_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (bytes, end) = {
             let state = self.lock();
-            serde_json::to_vec(&*state).map_err(|e| BrokerError::Corrupt {
+            let bytes = serde_json::to_vec(&*state).map_err(|e| BrokerError::Corrupt {
                 path: self.snapshot_path.clone(),
                 reason: e.to_string(),
-            })?
+            })?;
+            (
+                bytes,
+                self.last_op_end.load(std::sync::atomic::Ordering::Acquire),
+            )
         };
+        self.store.durable(LogPos(end)).wait()?;
         files::replace_file(&self.snapshot_path, &bytes)
     }
 
@@ -546,6 +595,8 @@ impl ConsumerGroups {
         })?;
         state.apply(&op);
         state.last_op = Some(appended.queue_offset.0);
+        self.last_op_end
+            .fetch_max(appended.end().0, std::sync::atomic::Ordering::AcqRel);
         Ok(appended.end())
     }
 }
@@ -578,6 +629,23 @@ fn check_lease(
                 "{field} names queue {} offset {}, which group {:?} does not hold",
                 handle.queue_id, handle.offset, group.name
             ),
+        )),
+    }
+}
+
+/// The handle in `text`, if it names a message the group holds on its current lease.
+fn current_lease(
+    state: &ConsumerState,
+    group: &GroupConfig,
+    topic: &TopicConfig,
+    text: &str,
+) -> ApiResult<ReceiptHandle> {
+    let handle = ReceiptHandle::decode(text, &topic.name, "receipt_handle")?;
+    match check_lease(state, group, topic, &handle, "receipt_handle")? {
+        LeaseCheck::Current => Ok(handle),
+        LeaseCheck::AlreadyDone => Err(ApiError::new(
+            Code::InvalidReceiptHandle,
+            "receipt_handle: the message is already acked",
         )),
     }
 }

@@ -59,6 +59,20 @@ impl QueueState {
         self.scanned = self.scanned.max(self.floor);
     }
 
+    /// Finishes everything below `min`: retention deleted it, so nothing is left to deliver.
+    pub fn skip_below(&mut self, min: u64) {
+        if self.floor >= min {
+            return;
+        }
+        self.floor = min;
+        self.done = self.done.split_off(&min);
+        self.leases = self.leases.split_off(&min);
+        while self.done.remove(&self.floor) {
+            self.floor += 1;
+        }
+        self.scanned = self.scanned.max(self.floor);
+    }
+
     /// The next offset of a message never looked at.
     pub fn next_unscanned(&self) -> u64 {
         self.scanned.max(self.floor)
@@ -264,6 +278,27 @@ mod tests {
         state.apply(&done(&[10]));
         let q = state.queue("g", "t", 0).unwrap();
         assert_eq!((q.floor, q.done.len(), q.leases.len()), (13, 0, 0));
+    }
+
+    #[test]
+    fn retention_moves_the_floor_past_deleted_offsets() {
+        let mut state = ConsumerState::default();
+        state.queue_mut("g", "t", 0, || 0);
+        state.apply(&deliver(&[0, 5], 1));
+        state.apply(&done(&[6]));
+        let q = state
+            .groups
+            .get_mut("g")
+            .unwrap()
+            .get_mut("t")
+            .unwrap()
+            .get_mut(&0)
+            .unwrap();
+        q.skip_below(5);
+        assert_eq!(q.floor, 5);
+        assert_eq!(q.leases.keys().copied().collect::<Vec<_>>(), vec![5]);
+        q.mark_done(5);
+        assert_eq!((q.floor, q.done.len()), (7, 0));
     }
 
     #[test]

@@ -371,10 +371,11 @@ impl MessagingService for MessagingApi {
             let queue = r.message_queue.as_ref();
             let policy = QueryOffsetPolicy::try_from(r.query_offset_policy)
                 .map_err(|_| ApiError::bad_request("query_offset_policy is not a known policy"))?;
-            let at = r
-                .timestamp
-                .as_ref()
-                .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
+            let at = r.timestamp.as_ref().map(|t| {
+                t.seconds
+                    .saturating_mul(1000)
+                    .saturating_add(i64::from(t.nanos / 1_000_000))
+            });
             self.broker.query_offset(
                 name(queue.and_then(|q| q.topic.as_ref())),
                 queue.map_or(0, |q| q.id),
