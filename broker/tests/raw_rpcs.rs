@@ -1,0 +1,378 @@
+//! RPCs the official Rust client does not offer (the Java, Python and Node.js clients use
+//! them): lease changes, forwarding to the DLQ, assignments, pull and offsets.
+#![cfg(test)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{create_group, start};
+use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
+use ferrumq_protocol::v2::{
+    AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, Code, FilterExpression,
+    FilterType, ForwardMessageToDeadLetterQueueRequest, GetOffsetRequest, Message, MessageQueue,
+    MessageType, NotifyClientTerminationRequest, PullMessageRequest, QueryAssignmentRequest,
+    QueryOffsetPolicy, QueryOffsetRequest, ReceiveMessageRequest, Resource, SendMessageRequest,
+    SystemProperties, UpdateOffsetRequest, pull_message_response, receive_message_response,
+};
+use tonic::transport::Channel;
+
+type Client = MessagingServiceClient<Channel>;
+
+fn resource(name: &str) -> Option<Resource> {
+    Some(Resource {
+        resource_namespace: String::new(),
+        name: name.to_owned(),
+    })
+}
+
+fn call<T>(body: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    request
+        .metadata_mut()
+        .insert("x-mq-client-id", "raw@1#1".parse().unwrap());
+    request
+}
+
+fn queue(topic: &str, id: i32) -> Option<MessageQueue> {
+    Some(MessageQueue {
+        topic: resource(topic),
+        id,
+        ..MessageQueue::default()
+    })
+}
+
+async fn send(client: &mut Client, topic: &str, ids: &[&str]) {
+    let messages = ids
+        .iter()
+        .map(|id| Message {
+            topic: resource(topic),
+            user_properties: Default::default(),
+            system_properties: Some(SystemProperties {
+                message_id: (*id).to_owned(),
+                message_type: MessageType::Normal as i32,
+                queue_id: 0,
+                ..SystemProperties::default()
+            }),
+            body: id.as_bytes().to_vec().into(),
+        })
+        .collect();
+    let response = client
+        .send_message(call(SendMessageRequest { messages }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.status.unwrap().code, Code::Ok as i32);
+    assert_eq!(response.entries.len(), ids.len());
+}
+
+async fn receive(client: &mut Client, group: &str, topic: &str, invisible_ms: u64) -> Vec<Message> {
+    let mut request = call(ReceiveMessageRequest {
+        group: resource(group),
+        message_queue: queue(topic, 0),
+        filter_expression: Some(FilterExpression {
+            r#type: FilterType::Tag as i32,
+            expression: "*".into(),
+        }),
+        batch_size: 32,
+        invisible_duration: Some(duration(invisible_ms)),
+        auto_renew: false,
+        long_polling_timeout: Some(prost_types::Duration {
+            seconds: 3,
+            nanos: 0,
+        }),
+    });
+    request.set_timeout(Duration::from_secs(5));
+    let mut stream = client.receive_message(request).await.unwrap().into_inner();
+    let mut messages = Vec::new();
+    let mut frames = Vec::new();
+    while let Some(frame) = stream.message().await.unwrap() {
+        let content = frame.content.unwrap();
+        frames.push(std::mem::discriminant(&content));
+        if let receive_message_response::Content::Message(m) = content {
+            messages.push(m);
+        }
+    }
+    // A status first and a delivery timestamp last, always.
+    assert!(frames.len() >= 2);
+    messages
+}
+
+fn duration(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn handle(m: &Message) -> String {
+    m.system_properties
+        .as_ref()
+        .unwrap()
+        .receipt_handle
+        .clone()
+        .unwrap()
+}
+
+fn attempt(m: &Message) -> i32 {
+    m.system_properties
+        .as_ref()
+        .unwrap()
+        .delivery_attempt
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_invisible_duration_renews_the_lease_with_a_new_handle() {
+    let broker = start(|_| {}).await;
+    create_group(broker.addr(), "g", 17).await;
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    send(&mut client, "t", &["M1"]).await;
+    let first = receive(&mut client, "g", "t", 30_000).await;
+    assert_eq!(first.len(), 1);
+    let response = client
+        .change_invisible_duration(call(ChangeInvisibleDurationRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            receipt_handle: handle(&first[0]),
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            message_id: "M1".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.status.unwrap().code, Code::Ok as i32);
+    let renewed = response.receipt_handle;
+    assert_ne!(renewed, handle(&first[0]));
+    // The old handle is stale now.
+    let ack = |h: String| AckMessageRequest {
+        group: resource("g"),
+        topic: resource("t"),
+        entries: vec![AckMessageEntry {
+            message_id: "M1".into(),
+            receipt_handle: h,
+        }],
+    };
+    let stale = client
+        .ack_message(call(ack(handle(&first[0]))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stale.status.unwrap().code,
+        Code::InvalidReceiptHandle as i32
+    );
+    // The shortened lease ends in a second: the message comes back with attempt 2.
+    let mut again = Vec::new();
+    for _ in 0..5 {
+        again = receive(&mut client, "g", "t", 30_000).await;
+        if !again.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(again.len(), 1);
+    assert_eq!(attempt(&again[0]), 2);
+    let ok = client
+        .ack_message(call(ack(handle(&again[0]))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.status.unwrap().code, Code::Ok as i32);
+    broker.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_to_dead_letter_queue_keeps_the_id_and_origin() {
+    let broker = start(|_| {}).await;
+    create_group(broker.addr(), "g", 17).await;
+    create_group(broker.addr(), "dlq-reader", 17).await;
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    send(&mut client, "t", &["M2"]).await;
+    let got = receive(&mut client, "g", "t", 30_000).await;
+    let response = client
+        .forward_message_to_dead_letter_queue(call(ForwardMessageToDeadLetterQueueRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            receipt_handle: handle(&got[0]),
+            message_id: "M2".into(),
+            delivery_attempt: 1,
+            max_delivery_attempts: 16,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.status.unwrap().code, Code::Ok as i32);
+    let dead = receive(&mut client, "dlq-reader", "%DLQ%g", 30_000).await;
+    assert_eq!(dead.len(), 1);
+    let system = dead[0].system_properties.as_ref().unwrap();
+    assert_eq!(system.message_id, "M2");
+    let origin = system.dead_letter_queue.as_ref().unwrap();
+    assert_eq!(
+        (origin.topic.as_str(), origin.message_id.as_str()),
+        ("t", "M2")
+    );
+    // The original is finished: it does not come back.
+    assert!(receive(&mut client, "g", "t", 30_000).await.is_empty());
+    broker.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignment_pull_and_offsets() {
+    let broker = start(|_| {}).await;
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    send(&mut client, "p", &["A", "B", "C"]).await;
+
+    let assignment = client
+        .query_assignment(call(QueryAssignmentRequest {
+            topic: resource("p"),
+            group: resource("pg"),
+            endpoints: None,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(assignment.status.unwrap().code, Code::Ok as i32);
+    assert_eq!(assignment.assignments.len(), 1);
+    let endpoints = assignment.assignments[0]
+        .message_queue
+        .as_ref()
+        .unwrap()
+        .broker
+        .as_ref()
+        .unwrap()
+        .endpoints
+        .as_ref()
+        .unwrap();
+    assert_eq!(endpoints.addresses[0].port, i32::from(broker.addr().port()));
+
+    // Sends are answered once durable; indexing follows a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let end = client
+            .query_offset(call(QueryOffsetRequest {
+                message_queue: queue("p", 0),
+                query_offset_policy: QueryOffsetPolicy::End as i32,
+                timestamp: None,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        if end.offset == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the messages were never indexed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut stream = client
+        .pull_message(call(PullMessageRequest {
+            group: resource("pg"),
+            message_queue: queue("p", 0),
+            offset: 1,
+            batch_size: 10,
+            filter_expression: None,
+            // Dispatch may still be indexing the messages: wait for them.
+            long_polling_timeout: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 0,
+            }),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut bodies, mut next) = (Vec::new(), -1);
+    while let Some(frame) = stream.message().await.unwrap() {
+        match frame.content.unwrap() {
+            pull_message_response::Content::Message(m) => bodies.push(m.body.to_vec()),
+            pull_message_response::Content::NextOffset(n) => next = n,
+            pull_message_response::Content::Status(s) => assert_eq!(s.code, Code::Ok as i32),
+        }
+    }
+    assert_eq!(bodies, vec![b"B".to_vec(), b"C".to_vec()]);
+    assert_eq!(next, 3);
+
+    let update = client
+        .update_offset(call(UpdateOffsetRequest {
+            group: resource("pg"),
+            message_queue: queue("p", 0),
+            offset: 3,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(update.status.unwrap().code, Code::Ok as i32);
+    let got = client
+        .get_offset(call(GetOffsetRequest {
+            group: resource("pg"),
+            message_queue: queue("p", 0),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.offset, 3);
+    let missing = client
+        .get_offset(call(GetOffsetRequest {
+            group: resource("pg"),
+            message_queue: queue("p", 1),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(missing.status.unwrap().code, Code::NotFound as i32);
+    for (policy, expected) in [
+        (QueryOffsetPolicy::Beginning, 0),
+        (QueryOffsetPolicy::End, 3),
+    ] {
+        let offset = client
+            .query_offset(call(QueryOffsetRequest {
+                message_queue: queue("p", 0),
+                query_offset_policy: policy as i32,
+                timestamp: None,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(offset.offset, expected);
+    }
+    let bad_queue = client
+        .update_offset(call(UpdateOffsetRequest {
+            group: resource("pg"),
+            message_queue: queue("p", 99),
+            offset: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = bad_queue.status.unwrap();
+    assert_eq!(status.code, Code::BadRequest as i32);
+    assert!(
+        status.message.contains("message_queue.id"),
+        "{}",
+        status.message
+    );
+
+    // Termination is OK even for a client the broker never saw.
+    let bye = client
+        .notify_client_termination(call(NotifyClientTerminationRequest { group: None }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bye.status.unwrap().code, Code::Ok as i32);
+    broker.running.shutdown().await.unwrap();
+}
