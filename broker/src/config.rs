@@ -78,6 +78,14 @@ pub struct Limits {
     pub min_invisible_ms: u64,
     pub max_invisible_ms: u64,
     pub max_long_polling_ms: u64,
+    /// A push consumer's receive (auto-renew) takes a lease this long, which the broker
+    /// extends `push_lease_renew_ahead_ms` before it ends while the client stays connected,
+    /// for at most `push_lease_max_ms` in all.
+    pub push_lease_ms: u64,
+    pub push_lease_renew_ahead_ms: u64,
+    pub push_lease_max_ms: u64,
+    /// When a push consumer disconnects, its leased messages become visible this much later.
+    pub push_lease_release_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -139,6 +147,10 @@ impl Default for Limits {
             min_invisible_ms: 10_000,
             max_invisible_ms: 12 * 3600 * 1000,
             max_long_polling_ms: 20_000,
+            push_lease_ms: 60_000,
+            push_lease_renew_ahead_ms: 10_000,
+            push_lease_max_ms: 3 * 3600 * 1000,
+            push_lease_release_ms: 1_000,
         }
     }
 }
@@ -196,6 +208,12 @@ impl BrokerConfig {
             return invalid(
                 "limits.min_invisible_ms",
                 "must not exceed limits.max_invisible_ms",
+            );
+        }
+        if self.limits.push_lease_renew_ahead_ms >= self.limits.push_lease_ms {
+            return invalid(
+                "limits.push_lease_renew_ahead_ms",
+                "must be below limits.push_lease_ms",
             );
         }
         if self.limits.max_receive_batch == 0 {

@@ -251,8 +251,9 @@ fn spawn_dispatch_watch(store: Arc<MessageStore>, stop: Arc<AtomicBool>) -> watc
     rx
 }
 
-/// Dead-letters expired last attempts twice a second, and snapshots consumer state every
-/// few seconds so recovery replays little.
+/// Twice a second: renews push consumers' leases (or releases those of clients that went
+/// away) and dead-letters expired last attempts; every 5 s, snapshots consumer state so
+/// recovery replays little.
 fn spawn_housekeeping(broker: &Arc<Broker>, stop: Arc<AtomicBool>) {
     let weak = Arc::downgrade(broker);
     tokio::spawn(async move {
@@ -267,10 +268,21 @@ fn spawn_housekeeping(broker: &Arc<Broker>, stop: Arc<AtomicBool>) {
             ticks += 1;
             let consumers = broker.consumers.clone();
             let snapshot = ticks.is_multiple_of(10);
+            let connected = broker.clone();
             let result = tokio::task::spawn_blocking(move || {
-                let end = consumers
-                    .sweep(service::now_ms())
+                let limits = &connected.config.limits;
+                let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                let now = service::now_ms();
+                let renewed = consumers
+                    .renew_leases(
+                        now,
+                        ms(limits.push_lease_ms),
+                        ms(limits.push_lease_renew_ahead_ms),
+                        ms(limits.push_lease_release_ms),
+                        |client| connected.is_connected(client),
+                    )
                     .map_err(BrokerError::Api)?;
+                let end = consumers.sweep(now).map_err(BrokerError::Api)?.or(renewed);
                 if snapshot {
                     consumers.snapshot()?;
                 }

@@ -43,6 +43,7 @@ pub struct ReceiveRequest<'a> {
     pub long_polling: Option<&'a prost_types::Duration>,
     /// When the caller stops waiting (the gRPC deadline).
     pub deadline: Option<Instant>,
+    pub client_id: &'a str,
 }
 
 pub struct Broker {
@@ -71,9 +72,6 @@ pub struct Parts {
     pub endpoint: String,
     pub dispatched: watch::Receiver<u64>,
 }
-
-/// Lease used for push consumers (auto-renew) that name no invisible duration.
-const AUTO_RENEW_LEASE_MS: u64 = 60_000;
 
 /// Waits until dispatch moves or `until`, whichever is first. Without a dispatch watcher
 /// (it stopped), waits until `until`, so a long poll never spins.
@@ -293,7 +291,7 @@ impl Broker {
                 }
                 ms
             }
-            None if request.auto_renew => AUTO_RENEW_LEASE_MS,
+            None if request.auto_renew => limits.push_lease_ms,
             None => {
                 return Err(ApiError::new(
                     Code::IllegalInvisibleTime,
@@ -318,9 +316,21 @@ impl Broker {
             dispatched.borrow_and_update();
             // The lease record is not awaited: a process crash keeps it (it is in the page
             // cache), and if a machine crash loses it, the message is only delivered again.
-            let received =
-                self.consumers
-                    .receive(&group, &topic, &filter, batch, invisible_ms, now_ms())?;
+            let now = now_ms();
+            let renew_until =
+                now.saturating_add(i64::try_from(limits.push_lease_max_ms).unwrap_or(i64::MAX));
+            let auto_renew = request
+                .auto_renew
+                .then_some((request.client_id, renew_until));
+            let received = self.consumers.receive(
+                &group,
+                &topic,
+                &filter,
+                batch,
+                invisible_ms,
+                now,
+                auto_renew,
+            )?;
             if !received.messages.is_empty() {
                 let store_host = self.endpoint.as_str();
                 return Ok(received
@@ -618,6 +628,17 @@ impl Broker {
             .unwrap_or_else(PoisonError::into_inner);
         streams.retain(|(_, s)| !s.is_closed());
         streams.push((client_id, sender));
+    }
+
+    /// Whether the client still has a Telemetry stream open with this broker.
+    pub fn is_connected(&self, client_id: &str) -> bool {
+        let streams = self
+            .telemetry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        streams
+            .iter()
+            .any(|(id, s)| id == client_id && !s.is_closed())
     }
 
     pub fn telemetry_streams(&self) -> usize {

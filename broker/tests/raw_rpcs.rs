@@ -376,3 +376,132 @@ async fn assignment_pull_and_offsets() {
     assert_eq!(bye.status.unwrap().code, Code::Ok as i32);
     broker.running.shutdown().await.unwrap();
 }
+
+fn call_as<T>(body: T, client_id: &'static str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    request
+        .metadata_mut()
+        .insert("x-mq-client-id", client_id.parse().unwrap());
+    request
+}
+
+/// A push consumer's receive: auto-renewed lease, no invisible duration.
+async fn receive_auto_renew(client: &mut Client, client_id: &'static str) -> Vec<Message> {
+    let mut request = call_as(
+        ReceiveMessageRequest {
+            group: resource("push"),
+            message_queue: queue("auto", 0),
+            filter_expression: None,
+            batch_size: 32,
+            invisible_duration: None,
+            auto_renew: true,
+            long_polling_timeout: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 0,
+            }),
+        },
+        client_id,
+    );
+    request.set_timeout(Duration::from_secs(5));
+    let mut stream = client.receive_message(request).await.unwrap().into_inner();
+    let mut messages = Vec::new();
+    while let Some(frame) = stream.message().await.unwrap() {
+        if let Some(receive_message_response::Content::Message(m)) = frame.content {
+            messages.push(m);
+        }
+    }
+    messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_leases_are_renewed_while_the_client_is_connected_and_released_when_it_leaves() {
+    use ferrumq_protocol::v2::{
+        ClientType, Settings, Subscription, TelemetryCommand, settings, telemetry_command,
+    };
+    let broker = start(|c| {
+        c.limits.push_lease_ms = 1500;
+        c.limits.push_lease_renew_ahead_ms = 1000;
+        c.limits.push_lease_release_ms = 300;
+    })
+    .await;
+    create_group(broker.addr(), "push", 17).await;
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    send(&mut client, "auto", &["M3"]).await;
+
+    // The push consumer's Telemetry stream marks it as connected.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(TelemetryCommand {
+        status: None,
+        command: Some(telemetry_command::Command::Settings(Settings {
+            client_type: Some(ClientType::PushConsumer as i32),
+            pub_sub: Some(settings::PubSub::Subscription(Subscription {
+                group: resource("push"),
+                ..Subscription::default()
+            })),
+            ..Settings::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut telemetry = client
+        .telemetry(call_as(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            "push@1#1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = telemetry.message().await.unwrap().unwrap();
+    assert_eq!(reply.status.unwrap().code, Code::Ok as i32);
+
+    assert!(broker.running.broker.is_connected("push@1#1"));
+    let got = receive_auto_renew(&mut client, "push@1#1").await;
+    assert_eq!(got.len(), 1);
+
+    // Well past the 1.5 s lease: renewed, so nobody else gets the message.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        receive_auto_renew(&mut client, "other@1#1")
+            .await
+            .is_empty()
+    );
+    let ack = client
+        .ack_message(call_as(
+            AckMessageRequest {
+                group: resource("push"),
+                topic: resource("auto"),
+                entries: vec![AckMessageEntry {
+                    message_id: "M3".into(),
+                    receipt_handle: handle(&got[0]),
+                }],
+            },
+            "push@1#1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ack.status.unwrap().code,
+        Code::Ok as i32,
+        "the original handle still acks"
+    );
+
+    // The consumer goes away holding a message: another gets it soon, as attempt 2.
+    send(&mut client, "auto", &["M4"]).await;
+    let held = receive_auto_renew(&mut client, "push@1#1").await;
+    assert_eq!(held.len(), 1);
+    drop(tx);
+    drop(telemetry);
+    let mut again = Vec::new();
+    for _ in 0..3 {
+        again = receive_auto_renew(&mut client, "other@1#1").await;
+        if !again.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(again.len(), 1);
+    assert_eq!(attempt(&again[0]), 2);
+    broker.running.shutdown().await.unwrap();
+}

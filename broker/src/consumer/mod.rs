@@ -28,7 +28,7 @@ use crate::message::property;
 use crate::metadata::{GroupConfig, Metadata, StartPosition, TopicConfig};
 use crate::metrics::Metrics;
 use receipt::ReceiptHandle;
-use state::{ConsumerState, Lease, Op};
+use state::{ConsumerState, Op};
 
 /// The internal topic that journals consumer-state changes.
 pub const OPS_TOPIC: &str = "%SYS%CONSUMER_STATE";
@@ -143,7 +143,10 @@ impl ConsumerGroups {
     }
 
     /// Hands out up to `batch` messages of `topic` from every queue: first messages whose
-    /// lease ended (attempt + 1), then new ones. Never waits.
+    /// lease ended (attempt + 1), then new ones. Never waits. With `auto_renew` (a push
+    /// consumer's client id and a time limit) the broker keeps extending the leases while
+    /// that client stays connected.
+    #[allow(clippy::too_many_arguments, reason = "one receive request's fields")]
     pub fn receive(
         &self,
         group: &GroupConfig,
@@ -152,6 +155,7 @@ impl ConsumerGroups {
         batch: usize,
         invisible_ms: u64,
         now_ms: i64,
+        auto_renew: Option<(&str, i64)>,
     ) -> ApiResult<Received> {
         let mut state = self.lock();
         let mut journal_end = None;
@@ -168,17 +172,17 @@ impl ConsumerGroups {
             .map(|q| q.keys().copied().collect())
             .unwrap_or_default();
         for queue_id in held {
-            let expired: Vec<(u64, Lease)> = state
+            let expired: Vec<(u64, u32)> = state
                 .queue(&group.name, &topic.name, queue_id)
                 .map(|q| {
                     q.leases
                         .iter()
                         .filter(|(_, l)| l.visible_at_ms <= now_ms)
-                        .map(|(o, l)| (*o, *l))
+                        .map(|(o, l)| (*o, l.attempt))
                         .collect()
                 })
                 .unwrap_or_default();
-            for (offset, lease) in expired {
+            for (offset, attempt) in expired {
                 if picked.len() >= batch {
                     break;
                 }
@@ -188,13 +192,13 @@ impl ConsumerGroups {
                     journal_end = Some(end);
                     continue;
                 };
-                if lease.attempt >= group.max_delivery_attempts {
+                if attempt >= group.max_delivery_attempts {
                     journal_end = Some(
                         self.dead_letter(&mut state, group, topic, queue_id, offset, &record)?,
                     );
                     continue;
                 }
-                picked.push((queue_id, offset, lease.attempt + 1));
+                picked.push((queue_id, offset, attempt + 1));
                 records.push(record);
             }
         }
@@ -280,6 +284,8 @@ impl ConsumerGroups {
             messages: picked.clone(),
             epoch,
             visible_at_ms: now_ms.saturating_add(invisible),
+            renew_until_ms: auto_renew.map_or(0, |(_, until)| until),
+            owner: auto_renew.map_or_else(String::new, |(owner, _)| owner.to_owned()),
         };
         journal_end = Some(self.journal(&mut state, op)?);
         record_scans(&mut state);
@@ -372,6 +378,8 @@ impl ConsumerGroups {
             offset: handle.offset,
             epoch,
             visible_at_ms: now_ms.saturating_add(i64::try_from(invisible_ms).unwrap_or(i64::MAX)),
+            // The client set the time itself: the broker stops renewing.
+            renew_until_ms: 0,
         };
         let end = self.journal(&mut state, op)?;
         let renewed = ReceiptHandle { epoch, ..handle };
@@ -437,6 +445,57 @@ impl ConsumerGroups {
                 }
                 None => self.journal(&mut state, done_op(&group, &topic, queue_id, offset))?,
             });
+        }
+        Ok(end)
+    }
+
+    /// Extends auto-renewed leases that end within `ahead_ms` by `lease_ms`, while their
+    /// owner is connected and their time limit lasts; a lease whose owner went away becomes
+    /// visible after `release_ms`, so another consumer gets the message soon.
+    pub fn renew_leases(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        ahead_ms: i64,
+        release_ms: i64,
+        connected: impl Fn(&str) -> bool,
+    ) -> ApiResult<Option<LogPos>> {
+        let mut state = self.lock();
+        let mut due = Vec::new();
+        for (group, topics) in &state.groups {
+            for (topic, queues) in topics {
+                for (queue_id, queue) in queues {
+                    for (offset, lease) in &queue.leases {
+                        if lease.renew_until_ms <= now_ms || lease.visible_at_ms <= now_ms {
+                            continue;
+                        }
+                        let (visible_at_ms, renew_until_ms) = if !connected(&lease.owner) {
+                            (
+                                now_ms.saturating_add(release_ms).min(lease.visible_at_ms),
+                                0,
+                            )
+                        } else if lease.visible_at_ms - now_ms <= ahead_ms {
+                            let next = now_ms.saturating_add(lease_ms).min(lease.renew_until_ms);
+                            (next.max(lease.visible_at_ms), lease.renew_until_ms)
+                        } else {
+                            continue;
+                        };
+                        due.push(Op::Renew {
+                            group: group.clone(),
+                            topic: topic.clone(),
+                            queue_id: *queue_id,
+                            offset: *offset,
+                            epoch: lease.epoch,
+                            visible_at_ms,
+                            renew_until_ms,
+                        });
+                    }
+                }
+            }
+        }
+        let mut end = None;
+        for op in due {
+            end = Some(self.journal(&mut state, op)?);
         }
         Ok(end)
     }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 /// One message handed out and not yet acked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// Deliveries so far, this one included (the first delivery is 1).
     pub attempt: u32,
@@ -18,6 +18,13 @@ pub struct Lease {
     pub epoch: u64,
     /// When the message may be delivered again.
     pub visible_at_ms: i64,
+    /// For a push consumer's auto-renewed lease: the broker extends it until this time (0:
+    /// never) while `owner` stays connected.
+    #[serde(default)]
+    pub renew_until_ms: i64,
+    /// The client id that received the message on an auto-renewed lease.
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// One queue as one group sees it.
@@ -90,8 +97,13 @@ pub enum Op {
         messages: Vec<(u32, u64, u32)>,
         epoch: u64,
         visible_at_ms: i64,
+        #[serde(default)]
+        renew_until_ms: i64,
+        #[serde(default)]
+        owner: String,
     },
-    /// A lease moved to a new epoch and visibility time (ChangeInvisibleDuration).
+    /// A lease moved to a new visibility time: a new epoch for ChangeInvisibleDuration, the
+    /// same one when the broker renews it for a push consumer.
     Renew {
         group: String,
         topic: String,
@@ -99,6 +111,8 @@ pub enum Op {
         offset: u64,
         epoch: u64,
         visible_at_ms: i64,
+        #[serde(default)]
+        renew_until_ms: i64,
     },
     /// Messages finished: acked or dead-lettered.
     Done {
@@ -167,6 +181,8 @@ impl ConsumerState {
                 messages,
                 epoch,
                 visible_at_ms,
+                renew_until_ms,
+                owner,
             } => {
                 for &(queue_id, offset, attempt) in messages {
                     let queue = self.queue_mut(group, topic, queue_id, || offset);
@@ -177,6 +193,8 @@ impl ConsumerState {
                                 attempt,
                                 epoch: *epoch,
                                 visible_at_ms: *visible_at_ms,
+                                renew_until_ms: *renew_until_ms,
+                                owner: owner.clone(),
                             },
                         );
                     }
@@ -190,11 +208,13 @@ impl ConsumerState {
                 offset,
                 epoch,
                 visible_at_ms,
+                renew_until_ms,
             } => {
                 let queue = self.queue_mut(group, topic, *queue_id, || *offset);
                 if let Some(lease) = queue.leases.get_mut(offset) {
                     lease.epoch = *epoch;
                     lease.visible_at_ms = *visible_at_ms;
+                    lease.renew_until_ms = *renew_until_ms;
                 }
                 self.epoch = self.epoch.max(*epoch);
             }
@@ -255,6 +275,8 @@ mod tests {
             messages: offsets.iter().map(|&o| (0, o, 1)).collect(),
             epoch,
             visible_at_ms: 100,
+            renew_until_ms: 0,
+            owner: String::new(),
         }
     }
 

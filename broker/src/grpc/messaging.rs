@@ -138,7 +138,7 @@ impl MessagingService for MessagingApi {
         let deadline = super::deadline(request.metadata());
         let result = match client_id(&request) {
             Err(e) => Err(e),
-            Ok(_) => {
+            Ok(client) => {
                 let r = request.get_ref();
                 let filter = r.filter_expression.as_ref();
                 self.broker
@@ -154,6 +154,7 @@ impl MessagingService for MessagingApi {
                         auto_renew: r.auto_renew,
                         long_polling: r.long_polling_timeout.as_ref(),
                         deadline,
+                        client_id: &client,
                     })
                     .await
             }
