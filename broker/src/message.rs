@@ -441,6 +441,39 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends, `check` answers with a result, never a panic, and an
+        /// accepted message keeps its id.
+        #[test]
+        fn check_never_panics(
+            id in ".{0,140}",
+            tag in proptest::option::of(".{0,20}"),
+            keys in proptest::collection::vec(".{0,10}", 0..4),
+            props in proptest::collection::hash_map(".{0,12}", ".{0,40}", 0..8),
+            body_len in 0usize..64,
+            message_type in -2i32..6,
+            seconds in proptest::num::i64::ANY,
+        ) {
+            let message = v2::Message {
+                topic: Some(Resource { resource_namespace: String::new(), name: "t".into() }),
+                user_properties: props,
+                system_properties: Some(SystemProperties {
+                    message_id: id.clone(),
+                    tag,
+                    keys,
+                    message_type,
+                    born_timestamp: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+                    ..SystemProperties::default()
+                }),
+                body: vec![1; body_len].into(),
+            };
+            let limits = Limits { max_body_bytes: 32, ..Limits::default() };
+            if let Ok(checked) = check(0, message, &limits) {
+                proptest::prop_assert_eq!(checked.message_id, id);
+            }
+        }
+    }
+
     #[test]
     fn durations_convert_both_ways() {
         assert_eq!(duration_ms(&duration(12_345)), Some(12_345));
