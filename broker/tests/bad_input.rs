@@ -12,20 +12,17 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{consumer, create_group, producer, start, tag};
+use common::{consumer, create_group, producer, resource, start, tag};
 use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2::{
     AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, Code, Message, MessageType,
-    Resource, SendMessageRequest, SystemProperties,
+    SendMessageRequest, SystemProperties,
 };
 use rocketmq::model::message::MessageBuilder;
 use tonic::transport::Channel;
 
-fn resource(name: &str) -> Option<Resource> {
-    Some(Resource {
-        resource_namespace: String::new(),
-        name: name.to_owned(),
-    })
+fn client_call<T>(body: T) -> tonic::Request<T> {
+    common::with_client_id(body, "test@1#1")
 }
 
 fn message(topic: &str, body: &[u8]) -> Message {
@@ -41,20 +38,12 @@ fn message(topic: &str, body: &[u8]) -> Message {
     }
 }
 
-fn with_client_id<T>(body: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(body);
-    request
-        .metadata_mut()
-        .insert("x-mq-client-id", "test@1#1".parse().unwrap());
-    request
-}
-
 async fn send(
     client: &mut MessagingServiceClient<Channel>,
     messages: Vec<Message>,
 ) -> (i32, String) {
     let response = client
-        .send_message(with_client_id(SendMessageRequest { messages }))
+        .send_message(client_call(SendMessageRequest { messages }))
         .await
         .unwrap()
         .into_inner();
@@ -265,7 +254,7 @@ async fn bad_receipt_handles_and_invisible_durations_are_refused() {
     for handle in ["", "garbage", "f1.0.0.1.00000000", "f1.0.0.1.00000000.9"] {
         let before = log.written_pos();
         let response = client
-            .ack_message(with_client_id(AckMessageRequest {
+            .ack_message(client_call(AckMessageRequest {
                 group: resource("g"),
                 topic: resource("t"),
                 entries: vec![AckMessageEntry {
@@ -292,7 +281,7 @@ async fn bad_receipt_handles_and_invisible_durations_are_refused() {
         assert_eq!(log.written_pos(), before);
     }
     let response = client
-        .change_invisible_duration(with_client_id(ChangeInvisibleDurationRequest {
+        .change_invisible_duration(client_call(ChangeInvisibleDurationRequest {
             group: resource("g"),
             topic: resource("t"),
             receipt_handle: "garbage".into(),

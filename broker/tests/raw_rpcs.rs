@@ -11,32 +11,21 @@ mod common;
 
 use std::time::Duration;
 
-use common::{create_group, start};
+use common::{create_group, resource, start};
 use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2::{
     AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, Code, FilterExpression,
     FilterType, ForwardMessageToDeadLetterQueueRequest, GetOffsetRequest, Message, MessageQueue,
     MessageType, NotifyClientTerminationRequest, PullMessageRequest, QueryAssignmentRequest,
-    QueryOffsetPolicy, QueryOffsetRequest, ReceiveMessageRequest, Resource, SendMessageRequest,
+    QueryOffsetPolicy, QueryOffsetRequest, ReceiveMessageRequest, SendMessageRequest,
     SystemProperties, UpdateOffsetRequest, pull_message_response, receive_message_response,
 };
 use tonic::transport::Channel;
 
 type Client = MessagingServiceClient<Channel>;
 
-fn resource(name: &str) -> Option<Resource> {
-    Some(Resource {
-        resource_namespace: String::new(),
-        name: name.to_owned(),
-    })
-}
-
 fn call<T>(body: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(body);
-    request
-        .metadata_mut()
-        .insert("x-mq-client-id", "raw@1#1".parse().unwrap());
-    request
+    common::with_client_id(body, "raw@1#1")
 }
 
 fn queue(topic: &str, id: i32) -> Option<MessageQueue> {
@@ -377,17 +366,9 @@ async fn assignment_pull_and_offsets() {
     broker.running.shutdown().await.unwrap();
 }
 
-fn call_as<T>(body: T, client_id: &'static str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(body);
-    request
-        .metadata_mut()
-        .insert("x-mq-client-id", client_id.parse().unwrap());
-    request
-}
-
 /// A push consumer's receive: auto-renewed lease, no invisible duration.
 async fn receive_auto_renew(client: &mut Client, client_id: &'static str) -> Vec<Message> {
-    let mut request = call_as(
+    let mut request = common::with_client_id(
         ReceiveMessageRequest {
             group: resource("push"),
             message_queue: queue("auto", 0),
@@ -446,7 +427,7 @@ async fn push_leases_are_renewed_while_the_client_is_connected_and_released_when
     .await
     .unwrap();
     let mut telemetry = client
-        .telemetry(call_as(
+        .telemetry(common::with_client_id(
             tokio_stream::wrappers::ReceiverStream::new(rx),
             "push@1#1",
         ))
@@ -468,7 +449,7 @@ async fn push_leases_are_renewed_while_the_client_is_connected_and_released_when
             .is_empty()
     );
     let ack = client
-        .ack_message(call_as(
+        .ack_message(common::with_client_id(
             AckMessageRequest {
                 group: resource("push"),
                 topic: resource("auto"),

@@ -92,6 +92,24 @@ pub async fn create_group(addr: SocketAddr, name: &str, max_delivery_attempts: u
         .unwrap();
 }
 
+/// A v2 resource name (topic or group) without a namespace.
+pub fn resource(name: &str) -> Option<ferrumq_protocol::v2::Resource> {
+    Some(ferrumq_protocol::v2::Resource {
+        resource_namespace: String::new(),
+        name: name.to_owned(),
+    })
+}
+
+/// A raw v2 request carrying the client id header every call needs.
+pub fn with_client_id<T>(body: T, client_id: &'static str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    request.metadata_mut().insert(
+        "x-mq-client-id",
+        tonic::metadata::MetadataValue::from_static(client_id),
+    );
+    request
+}
+
 pub fn tag(expression: &str) -> FilterExpression {
     FilterExpression::new(FilterType::Tag, expression)
 }
