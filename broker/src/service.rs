@@ -73,6 +73,15 @@ pub struct Parts {
     pub dispatched: watch::Receiver<u64>,
 }
 
+/// Runs `work`, which may block for a while, without stalling the other tasks of this
+/// worker thread (on a multi-threaded runtime; elsewhere it simply runs).
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 /// Waits until dispatch moves or `until`, whichever is first. Without a dispatch watcher
 /// (it stopped), waits until `until`, so a long poll never spins.
 async fn wait_for_progress(dispatched: &mut watch::Receiver<u64>, until: Instant) {
@@ -311,6 +320,7 @@ impl Broker {
             let margin = (left / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
             until = until.min(deadline.checked_sub(margin).unwrap_or_else(Instant::now));
         }
+        let (group, topic, filter) = (&group, &topic, &filter);
         let mut dispatched = self.dispatched.clone();
         loop {
             dispatched.borrow_and_update();
@@ -319,18 +329,15 @@ impl Broker {
             let now = now_ms();
             let renew_until =
                 now.saturating_add(i64::try_from(limits.push_lease_max_ms).unwrap_or(i64::MAX));
+            // A scan may read thousands of records under the consumer-state lock; the
+            // runtime moves this worker's other tasks elsewhere meanwhile.
             let auto_renew = request
                 .auto_renew
                 .then_some((request.client_id, renew_until));
-            let received = self.consumers.receive(
-                &group,
-                &topic,
-                &filter,
-                batch,
-                invisible_ms,
-                now,
-                auto_renew,
-            )?;
+            let received = blocking(|| {
+                self.consumers
+                    .receive(group, topic, filter, batch, invisible_ms, now, auto_renew)
+            })?;
             if !received.messages.is_empty() {
                 let store_host = self.endpoint.as_str();
                 return Ok(received
