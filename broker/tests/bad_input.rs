@@ -103,6 +103,20 @@ async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
     no_id.system_properties.as_mut().unwrap().message_id.clear();
     let mut bad_tag = message("t", b"x");
     bad_tag.system_properties.as_mut().unwrap().tag = Some("a|b".into());
+    let mut long_id = message("t", b"x");
+    long_id.system_properties.as_mut().unwrap().message_id = "X".repeat(129);
+    let mut gzip = message("t", b"x");
+    gzip.system_properties.as_mut().unwrap().body_encoding =
+        ferrumq_protocol::v2::Encoding::Gzip as i32;
+    let mut timed = message("t", b"x");
+    timed.system_properties.as_mut().unwrap().delivery_timestamp = Some(prost_types::Timestamp {
+        seconds: 1,
+        nanos: 0,
+    });
+    let mut grouped = message("t", b"x");
+    grouped.system_properties.as_mut().unwrap().message_group = Some("g".into());
+    let mut bad_key = message("t", b"x");
+    bad_key.system_properties.as_mut().unwrap().keys = vec!["a\u{1}b".into()];
     let mut delay = message("t", b"x");
     delay.system_properties.as_mut().unwrap().message_type = MessageType::Delay as i32;
     let cases: Vec<(Vec<Message>, Code, &str)> = vec![
@@ -158,6 +172,20 @@ async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
             Code::MessagePropertyConflictWithType,
             "message_type",
         ),
+        (vec![long_id], Code::IllegalMessageId, "message_id"),
+        (vec![gzip], Code::BadRequest, "body_encoding"),
+        (
+            vec![timed],
+            Code::MessagePropertyConflictWithType,
+            "delivery_timestamp",
+        ),
+        (
+            vec![grouped],
+            Code::MessagePropertyConflictWithType,
+            "message_group",
+        ),
+        (vec![bad_key], Code::IllegalMessageKey, "keys"),
+        (vec![message("t", b"x"); 1025], Code::BadRequest, "messages"),
         // A good message followed by a bad one: neither is stored.
         (
             vec![message("t", b"fine"), message("t", &[7; 1025])],
@@ -298,6 +326,43 @@ async fn bad_receipt_handles_and_invisible_durations_are_refused() {
         response.status.unwrap().code,
         Code::InvalidReceiptHandle as i32
     );
+
+    // Receive requests with a bad batch size or group name: one status frame naming the field.
+    for (group, batch_size, code, field) in [
+        ("g", 0, Code::BadRequest, "batch_size"),
+        (
+            "bad group",
+            32,
+            Code::IllegalConsumerGroup,
+            "consumer group",
+        ),
+    ] {
+        let mut stream = client
+            .receive_message(client_call(ferrumq_protocol::v2::ReceiveMessageRequest {
+                group: resource(group),
+                message_queue: Some(ferrumq_protocol::v2::MessageQueue {
+                    topic: resource("t"),
+                    ..Default::default()
+                }),
+                filter_expression: None,
+                batch_size,
+                invisible_duration: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+                auto_renew: false,
+                long_polling_timeout: None,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap().content.unwrap();
+        let ferrumq_protocol::v2::receive_message_response::Content::Status(status) = first else {
+            panic!("the first frame is not a status");
+        };
+        assert_eq!(status.code, code as i32, "{}", status.message);
+        assert!(status.message.contains(field), "{}", status.message);
+    }
 
     // Acking twice is fine: the second ack changes nothing.
     consumer.ack(&received[0]).await.unwrap();
