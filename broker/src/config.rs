@@ -253,6 +253,25 @@ mod tests {
     }
 
     #[test]
+    fn the_defaults_are_the_limits_rocketmq_users_expect() {
+        let config = BrokerConfig::default();
+        assert_eq!(config.flush, FlushPolicy::Sync);
+        assert_eq!(config.groups.max_delivery_attempts, 17);
+        let limits = config.limits;
+        assert_eq!(limits.max_body_bytes, 4 << 20);
+        assert_eq!(
+            (limits.max_properties, limits.max_properties_bytes),
+            (128, 16 << 10)
+        );
+        assert_eq!(
+            (limits.min_invisible_ms, limits.max_invisible_ms),
+            (10_000, 12 * 3600 * 1000)
+        );
+        assert_eq!(limits.max_receive_batch, 32);
+        assert_eq!(limits.max_long_polling_ms, 20_000);
+    }
+
+    #[test]
     fn an_unknown_key_is_an_error_naming_it() {
         let err = toml::from_str::<BrokerConfig>("grpc_listn = \"127.0.0.1:1\"").unwrap_err();
         assert!(err.to_string().contains("grpc_listn"), "{err}");

@@ -288,7 +288,7 @@ pub fn to_wire(
     if let Some(delivery) = delivery {
         system.receipt_handle = Some(delivery.receipt_handle);
         system.delivery_attempt = Some(i32::try_from(delivery.attempt).unwrap_or(i32::MAX));
-        system.invisible_duration = Some(duration(delivery.invisible_ms));
+        system.invisible_duration = Some(ferrumq_protocol::duration_from_ms(delivery.invisible_ms));
         system.store_host = delivery.store_host.to_owned();
     }
     v2::Message {
@@ -306,13 +306,6 @@ pub fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
-pub fn duration(ms: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
-        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
     }
 }
 
@@ -476,7 +469,10 @@ mod tests {
 
     #[test]
     fn durations_convert_both_ways() {
-        assert_eq!(duration_ms(&duration(12_345)), Some(12_345));
+        assert_eq!(
+            duration_ms(&ferrumq_protocol::duration_from_ms(12_345)),
+            Some(12_345)
+        );
         assert_eq!(
             duration_ms(&prost_types::Duration {
                 seconds: -1,

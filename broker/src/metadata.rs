@@ -183,10 +183,14 @@ impl Metadata {
         self.read().groups.values().cloned().collect()
     }
 
-    /// The topic, created with the defaults if it is unknown and auto-creation is on.
+    /// The topic, created with the defaults if it is unknown and auto-creation is on. A
+    /// group's dead-letter topic exists as soon as the group does.
     pub fn topic_or_create(&self, name: &str) -> ApiResult<TopicConfig> {
         if let Some(topic) = self.topic(name) {
             return Ok(topic);
+        }
+        if let Some(group) = name.strip_prefix(DLQ_PREFIX).and_then(|g| self.group(g)) {
+            return self.dead_letter_topic(&group);
         }
         if !self.config.topics.auto_create || is_system_topic(name) {
             return Err(ApiError::new(

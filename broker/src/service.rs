@@ -236,14 +236,7 @@ impl Broker {
 
     pub fn topic_or_create(&self, name: &str) -> ApiResult<TopicConfig> {
         let known = self.metadata.topic(name).is_some();
-        let topic = match name.strip_prefix(metadata::DLQ_PREFIX) {
-            // A group's dead-letter topic exists as soon as the group does.
-            Some(group) if !known => match self.metadata.group(group) {
-                Some(group) => self.metadata.dead_letter_topic(&group)?,
-                None => self.metadata.topic_or_create(name)?,
-            },
-            _ => self.metadata.topic_or_create(name)?,
-        };
+        let topic = self.metadata.topic_or_create(name)?;
         if !known {
             tracing::info!(topic = name, queues = topic.queue_count, "topic created");
             self.publish_routes();
@@ -685,13 +678,6 @@ impl Broker {
     pub fn publish_routes(&self) {
         if let Routes::Embedded(table) = &self.routes {
             table.register(self.registration());
-        }
-    }
-
-    pub fn status_of(result: &ApiResult<()>) -> Status {
-        match result {
-            Ok(()) => Status::ok(),
-            Err(e) => e.status(),
         }
     }
 }

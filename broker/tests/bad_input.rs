@@ -55,6 +55,7 @@ async fn send(
 async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
     let broker = start(|c| {
         c.topics.auto_create = false;
+        c.groups.auto_create = false;
         c.limits.max_body_bytes = 1024;
     })
     .await;
@@ -207,6 +208,38 @@ async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
         assert_eq!(log.written_pos(), before, "{text}: nothing stored");
     }
     assert!(broker.running.broker.metadata.topic("unknown").is_none());
+
+    // With group auto-creation off, an unknown group cannot receive.
+    let mut stream = client
+        .receive_message(client_call(ferrumq_protocol::v2::ReceiveMessageRequest {
+            group: resource("nobody"),
+            message_queue: Some(ferrumq_protocol::v2::MessageQueue {
+                topic: resource("t"),
+                ..Default::default()
+            }),
+            filter_expression: None,
+            batch_size: 32,
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            auto_renew: false,
+            long_polling_timeout: None,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap().content.unwrap();
+    let ferrumq_protocol::v2::receive_message_response::Content::Status(status) = first else {
+        panic!("the first frame is not a status");
+    };
+    assert_eq!(
+        status.code,
+        Code::ConsumerGroupNotFound as i32,
+        "{}",
+        status.message
+    );
+    assert!(broker.running.broker.metadata.group("nobody").is_none());
 
     // The same refusals reach the official client without making it panic.
     let producer = producer(broker.addr(), "t").await;
@@ -363,6 +396,29 @@ async fn bad_receipt_handles_and_invisible_durations_are_refused() {
         assert_eq!(status.code, code as i32, "{}", status.message);
         assert!(status.message.contains(field), "{}", status.message);
     }
+
+    // A lease change beyond the 12 h maximum is refused and changes nothing.
+    let response = client
+        .change_invisible_duration(client_call(ChangeInvisibleDurationRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            receipt_handle: rocketmq::model::message::AckMessageEntry::receipt_handle(&received[0]),
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 12 * 3600 + 1,
+                nanos: 0,
+            }),
+            message_id: received[0].message_id().to_owned(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = response.status.unwrap();
+    assert_eq!(status.code, Code::IllegalInvisibleTime as i32);
+    assert!(
+        status.message.contains("invisible_duration"),
+        "{}",
+        status.message
+    );
 
     // Acking twice is fine: the second ack changes nothing.
     consumer.ack(&received[0]).await.unwrap();

@@ -311,3 +311,80 @@ async fn tag_and_sql_filters_select_messages() {
     );
     broker.running.shutdown().await.unwrap();
 }
+
+/// One HTTP/1.1 GET on the broker's HTTP port; returns the status line and the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_flush_delivers_and_http_reports_health_and_metrics() {
+    let broker = start(|c| c.flush = ferrumq_broker::config::FlushPolicy::Async).await;
+    create_group(broker.addr(), "g", 17).await;
+    let producer = producer(broker.addr(), "quick").await;
+    let mut sent = HashSet::new();
+    for i in 0..10u8 {
+        let message = MessageBuilder::builder()
+            .set_topic("quick")
+            .set_body(vec![i])
+            .build()
+            .unwrap();
+        sent.insert(
+            producer
+                .send(message)
+                .await
+                .unwrap()
+                .message_id()
+                .to_owned(),
+        );
+    }
+    let consumer = consumer(broker.addr(), "g", "quick").await;
+    let received = receive_n(
+        &consumer,
+        "quick",
+        &tag("*"),
+        10,
+        Duration::from_secs(30),
+        true,
+        WAIT,
+    )
+    .await;
+    assert_eq!(ids(&received), sent);
+
+    let http = broker.running.http_addr;
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(http, "/healthz"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body.trim(), "ok");
+    let (status, _) = tokio::task::spawn_blocking(move || http_get(http, "/readyz"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status}");
+    let (_, metrics) = tokio::task::spawn_blocking(move || http_get(http, "/metrics"))
+        .await
+        .unwrap();
+    for line in [
+        "rocketmq_messages_in_total 10",
+        "rocketmq_messages_out_total 10",
+        "ferrumq_messages_acked_total 10",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from:\n{metrics}"
+        );
+    }
+    producer.shutdown().await.unwrap();
+    consumer.shutdown().await.unwrap();
+    broker.running.shutdown().await.unwrap();
+}

@@ -44,13 +44,6 @@ pub fn client_id(metadata: &MetadataMap) -> Result<String, Status> {
     }
 }
 
-fn duration(ms: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
-        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
 /// The client's Settings with the server's policy merged in. Producers get an exponential
 /// backoff (the Java and Node.js clients accept no other) and a body limit (zero would make
 /// them refuse every send); consumers get the group's retry schedule, batch size and long
@@ -70,13 +63,15 @@ pub fn settings_reply(client: &Settings, policy: &SettingsPolicy) -> Settings {
                         next: policy
                             .retry_backoff_ms
                             .iter()
-                            .map(|&ms| duration(ms))
+                            .map(|&ms| ferrumq_protocol::duration_from_ms(ms))
                             .collect(),
                     },
                 )),
             });
             subscription.receive_batch_size = Some(policy.receive_batch_size);
-            subscription.long_polling_timeout = Some(duration(policy.long_polling_timeout_ms));
+            subscription.long_polling_timeout = Some(ferrumq_protocol::duration_from_ms(
+                policy.long_polling_timeout_ms,
+            ));
             subscription.fifo = Some(false);
         }
         _ => {
@@ -84,8 +79,8 @@ pub fn settings_reply(client: &Settings, policy: &SettingsPolicy) -> Settings {
                 max_attempts: policy.producer_max_attempts,
                 strategy: Some(retry_policy::Strategy::ExponentialBackoff(
                     ExponentialBackoff {
-                        initial: Some(duration(10)),
-                        max: Some(duration(1000)),
+                        initial: Some(ferrumq_protocol::duration_from_ms(10)),
+                        max: Some(ferrumq_protocol::duration_from_ms(1000)),
                         multiplier: 2.0,
                     },
                 )),

@@ -54,3 +54,11 @@ impl v2::Status {
         v2::Status::new(v2::Code::Ok, "OK")
     }
 }
+
+/// A protobuf duration of `ms` milliseconds.
+pub fn duration_from_ms(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}

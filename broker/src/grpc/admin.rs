@@ -101,11 +101,11 @@ impl AdminService for AdminApi {
                 wanted.name
             )));
         }
-        let existed = self.broker.metadata.topic(&wanted.name).is_some();
-        if existed
-            && !request.update_existing
-            && self.broker.metadata.topic(&wanted.name) != Some(wanted.clone())
+        // Asking for the defaults (queue count 0) of an existing topic is not a conflict.
+        if !request.update_existing
             && topic.queue_count != 0
+            && let Some(existing) = self.broker.metadata.topic(&wanted.name)
+            && existing != wanted
         {
             return Err(tonic::Status::already_exists(format!(
                 "topic {:?} exists with other settings",

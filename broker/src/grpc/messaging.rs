@@ -218,7 +218,7 @@ impl MessagingService for MessagingApi {
                     .map(|(e, outcome)| AckMessageResultEntry {
                         message_id: e.message_id.clone(),
                         receipt_handle: e.receipt_handle.clone(),
-                        status: Some(Broker::status_of(outcome)),
+                        status: Some(status_of(outcome)),
                     })
                     .collect();
                 let failed: Vec<&ApiError> =
