@@ -25,6 +25,38 @@ fn client_call<T>(body: T) -> tonic::Request<T> {
     common::with_client_id(body, "test@1#1")
 }
 
+/// The status frame that opens a receive of topic `t` (30 s invisible, no long poll).
+async fn receive_status(
+    client: &mut MessagingServiceClient<Channel>,
+    group: &str,
+    batch_size: i32,
+) -> ferrumq_protocol::v2::Status {
+    let mut stream = client
+        .receive_message(client_call(ferrumq_protocol::v2::ReceiveMessageRequest {
+            group: resource(group),
+            message_queue: Some(ferrumq_protocol::v2::MessageQueue {
+                topic: resource("t"),
+                ..Default::default()
+            }),
+            filter_expression: None,
+            batch_size,
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            auto_renew: false,
+            long_polling_timeout: None,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap().content.unwrap();
+    let ferrumq_protocol::v2::receive_message_response::Content::Status(status) = first else {
+        panic!("the first frame is not a status");
+    };
+    status
+}
+
 fn message(topic: &str, body: &[u8]) -> Message {
     Message {
         topic: resource(topic),
@@ -210,29 +242,7 @@ async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
     assert!(broker.running.broker.metadata.topic("unknown").is_none());
 
     // With group auto-creation off, an unknown group cannot receive.
-    let mut stream = client
-        .receive_message(client_call(ferrumq_protocol::v2::ReceiveMessageRequest {
-            group: resource("nobody"),
-            message_queue: Some(ferrumq_protocol::v2::MessageQueue {
-                topic: resource("t"),
-                ..Default::default()
-            }),
-            filter_expression: None,
-            batch_size: 32,
-            invisible_duration: Some(prost_types::Duration {
-                seconds: 30,
-                nanos: 0,
-            }),
-            auto_renew: false,
-            long_polling_timeout: None,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = stream.message().await.unwrap().unwrap().content.unwrap();
-    let ferrumq_protocol::v2::receive_message_response::Content::Status(status) = first else {
-        panic!("the first frame is not a status");
-    };
+    let status = receive_status(&mut client, "nobody", 32).await;
     assert_eq!(
         status.code,
         Code::ConsumerGroupNotFound as i32,
@@ -370,29 +380,7 @@ async fn bad_receipt_handles_and_invisible_durations_are_refused() {
             "consumer group",
         ),
     ] {
-        let mut stream = client
-            .receive_message(client_call(ferrumq_protocol::v2::ReceiveMessageRequest {
-                group: resource(group),
-                message_queue: Some(ferrumq_protocol::v2::MessageQueue {
-                    topic: resource("t"),
-                    ..Default::default()
-                }),
-                filter_expression: None,
-                batch_size,
-                invisible_duration: Some(prost_types::Duration {
-                    seconds: 30,
-                    nanos: 0,
-                }),
-                auto_renew: false,
-                long_polling_timeout: None,
-            }))
-            .await
-            .unwrap()
-            .into_inner();
-        let first = stream.message().await.unwrap().unwrap().content.unwrap();
-        let ferrumq_protocol::v2::receive_message_response::Content::Status(status) = first else {
-            panic!("the first frame is not a status");
-        };
+        let status = receive_status(&mut client, group, batch_size).await;
         assert_eq!(status.code, code as i32, "{}", status.message);
         assert!(status.message.contains(field), "{}", status.message);
     }
