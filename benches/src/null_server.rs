@@ -87,6 +87,7 @@ impl MessagingService for NullService {
                     .unwrap_or_default(),
                 transaction_id: String::new(),
                 offset: 0,
+                recall_handle: String::new(),
             })
             .collect();
         Ok(Response::new(SendMessageResponse {

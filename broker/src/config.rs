@@ -33,6 +33,8 @@ pub struct BrokerConfig {
     pub topics: TopicDefaults,
     pub groups: GroupDefaults,
     pub limits: Limits,
+    pub transactions: TransactionSettings,
+    pub timers: TimerSettings,
     /// How often this broker re-registers with the nameservers, and how long a nameserver
     /// keeps a broker it has not heard from.
     pub heartbeat_interval_ms: u64,
@@ -65,6 +67,29 @@ pub struct GroupDefaults {
     pub retry_backoff_ms: Vec<u64>,
 }
 
+/// When the broker asks producers about transactions they left open.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransactionSettings {
+    /// A half message is first checked this long after it was stored, unless its producer
+    /// set `orphaned_transaction_recovery_duration`.
+    pub check_immunity_ms: u64,
+    /// Time between two checks of one transaction.
+    pub check_interval_ms: u64,
+    /// After this many checks without a decision the half message is discarded.
+    pub max_checks: u32,
+}
+
+/// Scheduled (DELAY) messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimerSettings {
+    /// Scheduled messages are filed on disk in slots of this many milliseconds of delivery
+    /// time; the slots due within `memory_window_ms` are also held in memory.
+    pub slot_ms: u64,
+    pub memory_window_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -74,6 +99,8 @@ pub struct Limits {
     pub max_properties_bytes: usize,
     pub max_batch_messages: usize,
     pub max_message_group_bytes: usize,
+    /// The latest delivery time a producer may ask for, counted from now.
+    pub max_delay_ms: u64,
     pub max_receive_batch: u32,
     pub min_invisible_ms: u64,
     pub max_invisible_ms: u64,
@@ -105,6 +132,8 @@ impl Default for BrokerConfig {
             topics: TopicDefaults::default(),
             groups: GroupDefaults::default(),
             limits: Limits::default(),
+            transactions: TransactionSettings::default(),
+            timers: TimerSettings::default(),
             heartbeat_interval_ms: 10_000,
             broker_expiry_ms: 30_000,
         }
@@ -135,6 +164,25 @@ impl Default for GroupDefaults {
     }
 }
 
+impl Default for TransactionSettings {
+    fn default() -> TransactionSettings {
+        TransactionSettings {
+            check_immunity_ms: 6_000,
+            check_interval_ms: 30_000,
+            max_checks: 15,
+        }
+    }
+}
+
+impl Default for TimerSettings {
+    fn default() -> TimerSettings {
+        TimerSettings {
+            slot_ms: 10_000,
+            memory_window_ms: 20_000,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
@@ -143,6 +191,7 @@ impl Default for Limits {
             max_properties_bytes: 16 << 10,
             max_batch_messages: 1024,
             max_message_group_bytes: 64,
+            max_delay_ms: 7 * 24 * 3600 * 1000,
             max_receive_batch: 32,
             min_invisible_ms: 10_000,
             max_invisible_ms: 12 * 3600 * 1000,
@@ -228,6 +277,18 @@ impl BrokerConfig {
                 "must be above heartbeat_interval_ms, which must be above zero",
             );
         }
+        if self.transactions.check_interval_ms == 0 || self.transactions.max_checks == 0 {
+            return invalid(
+                "transactions.check_interval_ms",
+                "check_interval_ms and max_checks must be above zero",
+            );
+        }
+        if self.timers.slot_ms == 0 || self.timers.memory_window_ms < self.timers.slot_ms {
+            return invalid(
+                "timers.slot_ms",
+                "must be above zero and at most timers.memory_window_ms",
+            );
+        }
         crate::metadata::validate_name(&self.broker_name, 127)
             .or_else(|reason| invalid("broker_name", &reason))?;
         Ok(())
@@ -257,7 +318,8 @@ mod tests {
         let config = BrokerConfig::default();
         assert_eq!(config.flush, FlushPolicy::Sync);
         assert_eq!(config.groups.max_delivery_attempts, 17);
-        let limits = config.limits;
+        let limits = config.limits.clone();
+        let limits_max_delay = limits.max_delay_ms;
         assert_eq!(limits.max_body_bytes, 4 << 20);
         assert_eq!(
             (limits.max_properties, limits.max_properties_bytes),
@@ -269,6 +331,16 @@ mod tests {
         );
         assert_eq!(limits.max_receive_batch, 32);
         assert_eq!(limits.max_long_polling_ms, 20_000);
+        assert_eq!(config.transactions, TransactionSettings::default());
+        assert_eq!(
+            (
+                config.transactions.check_immunity_ms,
+                config.transactions.check_interval_ms,
+                config.transactions.max_checks
+            ),
+            (6_000, 30_000, 15)
+        );
+        assert_eq!(limits_max_delay, 7 * 24 * 3600 * 1000);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! the storage engine.
 //!
 //! - [`service::Broker`]: what each request does (send, receive with leases, ack, routes).
-//! - [`consumer`]: consumer groups: leases, redelivery, dead letters, durable state.
+//! - [`consumer`]: consumer groups: leases, redelivery, dead letters, FIFO order, durable
+//!   state.
+//! - [`transaction`]: half messages, decisions, check-backs; [`timer`]: scheduled messages.
 //! - [`grpc`]: thin gRPC handlers; [`http`]: health and metrics.
 //! - [`metadata`]: topics and groups; [`config`]: the TOML configuration.
 //!
@@ -21,6 +23,8 @@ pub mod message;
 pub mod metadata;
 pub mod metrics;
 pub mod service;
+pub mod timer;
+pub mod transaction;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +54,7 @@ pub struct RunningBroker {
     stop: Option<oneshot::Sender<()>>,
     servers: Vec<JoinHandle<()>>,
     stop_background: Arc<AtomicBool>,
+    timer_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Opens the data directory, recovers, and starts serving.
@@ -108,6 +113,38 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         })??
     };
     let consumers = Arc::new(consumers);
+    let (transactions, timers) = {
+        let (store, metadata, metrics, settings) = (
+            store.clone(),
+            metadata.clone(),
+            metrics.clone(),
+            config.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let config = settings;
+            let now = service::now_ms();
+            let transactions = transaction::Transactions::open(
+                store.clone(),
+                config.transactions.clone(),
+                metrics.clone(),
+                now,
+            )?;
+            let timers = timer::Timers::open(
+                store,
+                metadata,
+                metrics,
+                config.timers.clone(),
+                config.data_dir.join("timer"),
+                now,
+            )?;
+            Ok::<_, BrokerError>((Arc::new(transactions), Arc::new(timers)))
+        })
+        .await
+        .map_err(|e| BrokerError::Corrupt {
+            path: config.data_dir.clone(),
+            reason: e.to_string(),
+        })??
+    };
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
@@ -141,6 +178,8 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         store: store.clone(),
         metadata,
         consumers: consumers.clone(),
+        transactions,
+        timers: timers.clone(),
         metrics,
         routes,
         endpoint: endpoint.clone(),
@@ -149,6 +188,13 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     broker.publish_routes();
     cluster::spawn_heartbeats(&broker);
     spawn_housekeeping(&broker, stop_background.clone());
+    let timer_thread = {
+        let stop = stop_background.clone();
+        std::thread::Builder::new()
+            .name("ferrumq-timer".into())
+            .spawn(move || timers.run(&stop))
+            .map_err(io(std::path::Path::new("timer thread")))?
+    };
     if let Some(table) = &embedded {
         NameServer::spawn_expiry(table, config.heartbeat_interval());
     }
@@ -202,6 +248,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         stop: Some(stop_tx),
         servers: vec![grpc_server, http_server],
         stop_background,
+        timer_thread: Some(timer_thread),
     })
 }
 
@@ -216,7 +263,11 @@ impl RunningBroker {
         }
         self.stop_background.store(true, Ordering::Release);
         let broker = self.broker.clone();
+        let timer_thread = self.timer_thread.take();
         tokio::task::spawn_blocking(move || {
+            if let Some(thread) = timer_thread {
+                let _ = thread.join();
+            }
             broker.consumers.snapshot()?;
             broker.store.close()?;
             Ok::<(), BrokerError>(())
@@ -252,7 +303,7 @@ fn spawn_dispatch_watch(store: Arc<MessageStore>, stop: Arc<AtomicBool>) -> watc
 }
 
 /// Twice a second: renews push consumers' leases (or releases those of clients that went
-/// away) and dead-letters expired last attempts; every 5 s, snapshots consumer state so
+/// away), dead-letters expired last attempts and sends due transaction check-backs; every 5 s, snapshots consumer state so
 /// recovery replays little.
 fn spawn_housekeeping(broker: &Arc<Broker>, stop: Arc<AtomicBool>) {
     let weak = Arc::downgrade(broker);
@@ -283,6 +334,7 @@ fn spawn_housekeeping(broker: &Arc<Broker>, stop: Arc<AtomicBool>) {
                     )
                     .map_err(BrokerError::Api)?;
                 let end = consumers.sweep(now).map_err(BrokerError::Api)?.or(renewed);
+                connected.send_check_backs(now).map_err(BrokerError::Api)?;
                 if snapshot {
                     consumers.snapshot()?;
                 }

@@ -7,7 +7,7 @@ use ferrumq_protocol::v2::{
     self, Code, DeadLetterQueue, Digest, DigestType, Encoding, MessageType, Resource,
     SystemProperties,
 };
-use ferrumq_storage::{Properties, RecordView, keys};
+use ferrumq_storage::{MessageType as StoredType, Properties, RecordView, keys};
 use md5::{Digest as _, Md5};
 
 use crate::config::Limits;
@@ -21,10 +21,16 @@ pub mod property {
     pub const DLQ_ORIGIN_TOPIC: &str = "DLQ_ORIGIN_TOPIC";
     pub const DLQ_ORIGIN_MESSAGE_ID: &str = "DLQ_ORIGIN_MESSAGE_ID";
     pub const DELIVER_AT_MS: &str = "TIMER_DELIVER_MS";
+    /// Where a half or scheduled message goes once it is committed or due.
+    pub const REAL_TOPIC: &str = "REAL_TOPIC";
+    pub const REAL_QUEUE_ID: &str = "REAL_QID";
+    pub const TRANSACTION_PRODUCER: &str = "__TXN_PRODUCER";
+    pub const CHECK_IMMUNITY_MS: &str = "__CHECK_IMMUNITY_MS";
+    pub const TRANSACTION_CHECKS: &str = "__TXN_CHECKS";
 }
 
 /// Keys of RocketMQ's system properties; clients may not set them as user properties.
-const RESERVED_KEYS: [&str; 30] = [
+const RESERVED_KEYS: [&str; 33] = [
     keys::MESSAGE_ID,
     keys::TAG,
     keys::KEY,
@@ -34,11 +40,14 @@ const RESERVED_KEYS: [&str; 30] = [
     property::DLQ_ORIGIN_TOPIC,
     property::DLQ_ORIGIN_MESSAGE_ID,
     property::DELIVER_AT_MS,
+    property::REAL_TOPIC,
+    property::REAL_QUEUE_ID,
+    property::TRANSACTION_PRODUCER,
+    property::CHECK_IMMUNITY_MS,
+    property::TRANSACTION_CHECKS,
     "WAIT",
     "DELAY",
     "RETRY_TOPIC",
-    "REAL_TOPIC",
-    "REAL_QID",
     "TRAN_MSG",
     "PGROUP",
     "MIN_OFFSET",
@@ -61,19 +70,82 @@ pub fn is_reserved_key(key: &str) -> bool {
     RESERVED_KEYS.contains(&key)
 }
 
+/// Where a message is stored: its own topic, or an internal one until it is committed or
+/// due (half and scheduled messages, always queue 0 there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub internal_topic: Option<&'static str>,
+    pub queue_id: u32,
+    pub stored_type: StoredType,
+}
+
+impl Placement {
+    pub fn direct(stored_type: StoredType, queue_id: u32) -> Placement {
+        Placement {
+            internal_topic: None,
+            queue_id,
+            stored_type,
+        }
+    }
+
+    pub fn internal(topic: &'static str, stored_type: StoredType) -> Placement {
+        Placement {
+            internal_topic: Some(topic),
+            queue_id: 0,
+            stored_type,
+        }
+    }
+}
+
 /// A message that passed every check, ready to append.
 #[derive(Debug)]
 pub struct CheckedMessage {
     pub message_id: String,
+    pub kind: Kind,
+    /// Where the send path decided to store it; the message's own topic until then.
+    pub placement: Placement,
     pub queue_id: Option<u32>,
     pub born_timestamp_ms: i64,
     pub properties: Properties,
     pub body: bytes::Bytes,
 }
 
+/// What a message is, with what its kind needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Normal,
+    Fifo {
+        message_group: String,
+    },
+    /// Visible from `deliver_at_ms` (ms since the epoch) on.
+    Delay {
+        deliver_at_ms: i64,
+    },
+    /// A half message; the producer may ask for its first check after `recovery_ms`.
+    Transaction {
+        recovery_ms: Option<u64>,
+    },
+}
+
+impl Kind {
+    pub fn wire_type(&self) -> MessageType {
+        match self {
+            Kind::Normal => MessageType::Normal,
+            Kind::Fifo { .. } => MessageType::Fifo,
+            Kind::Delay { .. } => MessageType::Delay,
+            Kind::Transaction { .. } => MessageType::Transaction,
+        }
+    }
+}
+
 /// Checks one message of a SendMessage request against the limits. `index` names it in
 /// errors (`messages[2].system_properties.tag`).
-pub fn check(index: usize, message: v2::Message, limits: &Limits) -> ApiResult<CheckedMessage> {
+pub fn check(
+    index: usize,
+    message: v2::Message,
+    limits: &Limits,
+    now_ms: i64,
+) -> ApiResult<CheckedMessage> {
     let field = |name: &str| format!("messages[{index}].{name}");
     let system = message.system_properties.ok_or_else(|| {
         ApiError::bad_request(format!("{} is missing", field("system_properties")))
@@ -109,37 +181,7 @@ pub fn check(index: usize, message: v2::Message, limits: &Limits) -> ApiResult<C
             field("system_properties.body_encoding")
         )));
     }
-    let message_type =
-        MessageType::try_from(system.message_type).unwrap_or(MessageType::Unspecified);
-    if !matches!(message_type, MessageType::Normal | MessageType::Unspecified) {
-        return Err(ApiError::new(
-            Code::MessagePropertyConflictWithType,
-            format!(
-                "{} is {}; this broker stores NORMAL messages only so far",
-                field("system_properties.message_type"),
-                message_type.as_str_name()
-            ),
-        ));
-    }
-    if system.delivery_timestamp.is_some() {
-        return Err(ApiError::new(
-            Code::MessagePropertyConflictWithType,
-            format!(
-                "{} is set on a NORMAL message",
-                field("system_properties.delivery_timestamp")
-            ),
-        ));
-    }
-    if system.message_group.is_some() {
-        return Err(ApiError::new(
-            Code::MessagePropertyConflictWithType,
-            format!(
-                "{} is set on a NORMAL message",
-                field("system_properties.message_group")
-            ),
-        ));
-    }
-
+    let kind = kind_of(&field, &system, limits, now_ms)?;
     let mut properties = Properties::new();
     let mut property_bytes = 0usize;
     let mut push = |key: &str, value: &str, properties: &mut Properties| -> ApiResult<()> {
@@ -172,6 +214,17 @@ pub fn check(index: usize, message: v2::Message, limits: &Limits) -> ApiResult<C
             ));
         }
         push(keys::KEY, key, &mut properties)?;
+    }
+    match &kind {
+        Kind::Fifo { message_group } => {
+            push(property::MESSAGE_GROUP, message_group, &mut properties)?
+        }
+        Kind::Delay { deliver_at_ms } => push(
+            property::DELIVER_AT_MS,
+            &deliver_at_ms.to_string(),
+            &mut properties,
+        )?,
+        Kind::Normal | Kind::Transaction { .. } => {}
     }
     if !system.born_host.is_empty() {
         push(property::BORN_HOST, &system.born_host, &mut properties)?;
@@ -225,11 +278,114 @@ pub fn check(index: usize, message: v2::Message, limits: &Limits) -> ApiResult<C
     let queue_id = u32::try_from(system.queue_id).ok();
     Ok(CheckedMessage {
         message_id: system.message_id,
+        kind,
+        placement: Placement::direct(StoredType::Normal, 0),
         queue_id,
         born_timestamp_ms,
         properties,
         body: message.body,
     })
+}
+
+/// The message's kind from its type and the fields that go with it. A type left
+/// UNSPECIFIED is read from the fields: a message group makes it FIFO, a delivery time DELAY.
+fn kind_of(
+    field: &dyn Fn(&str) -> String,
+    system: &SystemProperties,
+    limits: &Limits,
+    now_ms: i64,
+) -> ApiResult<Kind> {
+    let declared = MessageType::try_from(system.message_type).unwrap_or(MessageType::Unspecified);
+    let message_type = match declared {
+        MessageType::Unspecified if system.message_group.is_some() => MessageType::Fifo,
+        MessageType::Unspecified if system.delivery_timestamp.is_some() => MessageType::Delay,
+        MessageType::Unspecified => MessageType::Normal,
+        other => other,
+    };
+    let conflict = |name: &str| {
+        Err(ApiError::new(
+            Code::MessagePropertyConflictWithType,
+            format!(
+                "{} is set on a {} message",
+                field(&format!("system_properties.{name}")),
+                message_type.as_str_name()
+            ),
+        ))
+    };
+    if message_type != MessageType::Delay && system.delivery_timestamp.is_some() {
+        return conflict("delivery_timestamp");
+    }
+    if message_type != MessageType::Fifo && system.message_group.is_some() {
+        return conflict("message_group");
+    }
+    match message_type {
+        MessageType::Fifo => {
+            let group = system.message_group.clone().unwrap_or_default();
+            if group.trim().is_empty()
+                || group.len() > limits.max_message_group_bytes
+                || group.chars().any(char::is_control)
+            {
+                return Err(ApiError::new(
+                    Code::IllegalMessageGroup,
+                    format!(
+                        "{} {group:?} must be 1 to {} bytes, non-blank, without control characters",
+                        field("system_properties.message_group"),
+                        limits.max_message_group_bytes
+                    ),
+                ));
+            }
+            Ok(Kind::Fifo {
+                message_group: group,
+            })
+        }
+        MessageType::Delay => {
+            let deliver_at_ms = system
+                .delivery_timestamp
+                .as_ref()
+                .and_then(|t| {
+                    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+                    t.seconds
+                        .checked_mul(1000)?
+                        .checked_add(i64::from(nanos.div_ceil(1_000_000)))
+                })
+                .ok_or_else(|| {
+                    ApiError::new(
+                        Code::IllegalDeliveryTime,
+                        format!(
+                            "{} is missing or not a valid time; a DELAY message needs one",
+                            field("system_properties.delivery_timestamp")
+                        ),
+                    )
+                })?;
+            let latest =
+                now_ms.saturating_add(i64::try_from(limits.max_delay_ms).unwrap_or(i64::MAX));
+            if deliver_at_ms > latest {
+                return Err(ApiError::new(
+                    Code::IllegalDeliveryTime,
+                    format!(
+                        "{} is {} ms from now; the limit is {} ms",
+                        field("system_properties.delivery_timestamp"),
+                        deliver_at_ms.saturating_sub(now_ms),
+                        limits.max_delay_ms
+                    ),
+                ));
+            }
+            Ok(Kind::Delay { deliver_at_ms })
+        }
+        MessageType::Transaction => {
+            let recovery_ms = match &system.orphaned_transaction_recovery_duration {
+                None => None,
+                Some(d) => Some(duration_ms(d).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "{} must not be negative",
+                        field("system_properties.orphaned_transaction_recovery_duration")
+                    ))
+                })?),
+            };
+            Ok(Kind::Transaction { recovery_ms })
+        }
+        _ => Ok(Kind::Normal),
+    }
 }
 
 /// How a message is being handed out, when it is (receive) rather than only read (pull).
@@ -261,6 +417,13 @@ pub fn to_wire(
         }),
         ..SystemProperties::default()
     };
+    system.message_type = match view.message_type {
+        StoredType::Fifo => MessageType::Fifo,
+        StoredType::Delay => MessageType::Delay,
+        StoredType::TransactionHalf | StoredType::TransactionCommit => MessageType::Transaction,
+        _ => MessageType::Normal,
+    } as i32;
+    let mut topic = view.topic;
     let mut dlq_topic = None;
     let mut dlq_id = None;
     for (key, value) in view.properties.iter() {
@@ -273,6 +436,10 @@ pub fn to_wire(
             property::MESSAGE_GROUP => system.message_group = Some(value.to_owned()),
             property::DLQ_ORIGIN_TOPIC => dlq_topic = Some(value.to_owned()),
             property::DLQ_ORIGIN_MESSAGE_ID => dlq_id = Some(value.to_owned()),
+            property::REAL_TOPIC => topic = value,
+            property::DELIVER_AT_MS => {
+                system.delivery_timestamp = value.parse().ok().map(timestamp);
+            }
             _ if is_reserved_key(key) => {}
             _ => {
                 user_properties.insert(key.to_owned(), value.to_owned());
@@ -294,7 +461,7 @@ pub fn to_wire(
     v2::Message {
         topic: Some(Resource {
             resource_namespace: String::new(),
-            name: view.topic.to_owned(),
+            name: topic.to_owned(),
         }),
         user_properties,
         system_properties: Some(system),
@@ -324,6 +491,8 @@ pub fn duration_ms(d: &prost_types::Duration) -> Option<u64> {
 mod tests {
     use super::*;
 
+    const NOW: i64 = 1_800_000_000_000;
+
     fn message() -> v2::Message {
         v2::Message {
             topic: Some(Resource {
@@ -344,7 +513,7 @@ mod tests {
 
     #[test]
     fn a_good_message_keeps_its_id_tag_keys_and_properties() {
-        let checked = check(0, message(), &Limits::default()).unwrap();
+        let checked = check(0, message(), &Limits::default(), NOW).unwrap();
         let p = checked.properties.as_ref();
         assert_eq!(p.get(keys::MESSAGE_ID), Some("01ABCDEF"));
         assert_eq!(p.get(keys::TAG), Some("tag"));
@@ -412,8 +581,52 @@ mod tests {
                 Box::new(|m| {
                     m.system_properties.as_mut().unwrap().message_type = MessageType::Delay as i32
                 }),
+                Code::IllegalDeliveryTime,
+                "delivery_timestamp",
+            ),
+            (
+                Box::new(|m| {
+                    let system = m.system_properties.as_mut().unwrap();
+                    system.message_type = MessageType::Delay as i32;
+                    system.delivery_timestamp = Some(timestamp(NOW + 8 * 24 * 3600 * 1000));
+                }),
+                Code::IllegalDeliveryTime,
+                "delivery_timestamp",
+            ),
+            (
+                Box::new(|m| {
+                    let system = m.system_properties.as_mut().unwrap();
+                    system.message_type = MessageType::Fifo as i32;
+                    system.message_group = Some(String::new());
+                }),
+                Code::IllegalMessageGroup,
+                "message_group",
+            ),
+            (
+                Box::new(|m| {
+                    m.system_properties.as_mut().unwrap().message_type = MessageType::Fifo as i32
+                }),
+                Code::IllegalMessageGroup,
+                "message_group",
+            ),
+            (
+                Box::new(|m| {
+                    let system = m.system_properties.as_mut().unwrap();
+                    system.message_type = MessageType::Transaction as i32;
+                    system.message_group = Some("g".into());
+                }),
                 Code::MessagePropertyConflictWithType,
-                "message_type",
+                "message_group",
+            ),
+            (
+                Box::new(|m| {
+                    let system = m.system_properties.as_mut().unwrap();
+                    system.message_type = MessageType::Fifo as i32;
+                    system.message_group = Some("g".into());
+                    system.delivery_timestamp = Some(timestamp(NOW));
+                }),
+                Code::MessagePropertyConflictWithType,
+                "delivery_timestamp",
             ),
             (
                 Box::new(|m| m.system_properties = None),
@@ -424,7 +637,7 @@ mod tests {
         for (mutate, code, field) in cases {
             let mut m = message();
             mutate(&mut m);
-            let err = check(3, m, &limits).unwrap_err();
+            let err = check(3, m, &limits, NOW).unwrap_err();
             assert_eq!(err.code, code, "{}", err.message);
             assert!(
                 err.message.contains("messages[3]") && err.message.contains(field),
@@ -446,6 +659,8 @@ mod tests {
             body_len in 0usize..64,
             message_type in -2i32..6,
             seconds in proptest::num::i64::ANY,
+            deliver in proptest::option::of((proptest::num::i64::ANY, proptest::num::i32::ANY)),
+            group in proptest::option::of(".{0,70}"),
         ) {
             let message = v2::Message {
                 topic: Some(Resource { resource_namespace: String::new(), name: "t".into() }),
@@ -456,15 +671,66 @@ mod tests {
                     keys,
                     message_type,
                     born_timestamp: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+                    delivery_timestamp: deliver
+                        .map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+                    message_group: group,
                     ..SystemProperties::default()
                 }),
                 body: vec![1; body_len].into(),
             };
             let limits = Limits { max_body_bytes: 32, ..Limits::default() };
-            if let Ok(checked) = check(0, message, &limits) {
+            if let Ok(checked) = check(0, message, &limits, NOW) {
                 proptest::prop_assert_eq!(checked.message_id, id);
             }
         }
+    }
+
+    #[test]
+    fn each_kind_is_read_from_its_type_and_fields() {
+        let with = |f: &dyn Fn(&mut SystemProperties)| {
+            let mut m = message();
+            f(m.system_properties.as_mut().unwrap());
+            check(0, m, &Limits::default(), NOW).unwrap()
+        };
+        let fifo = with(&|s| {
+            s.message_type = MessageType::Unspecified as i32;
+            s.message_group = Some("order-1".into());
+        });
+        assert_eq!(
+            fifo.kind,
+            Kind::Fifo {
+                message_group: "order-1".into()
+            }
+        );
+        assert_eq!(
+            fifo.properties.as_ref().get(property::MESSAGE_GROUP),
+            Some("order-1")
+        );
+        // Whole seconds from the Rust and Python clients; milliseconds round up, never early.
+        let delay = with(&|s| {
+            s.message_type = MessageType::Delay as i32;
+            s.delivery_timestamp = Some(prost_types::Timestamp {
+                seconds: NOW / 1000 + 5,
+                nanos: 1,
+            });
+        });
+        assert_eq!(
+            delay.kind,
+            Kind::Delay {
+                deliver_at_ms: NOW + 5_001
+            }
+        );
+        let txn = with(&|s| {
+            s.message_type = MessageType::Transaction as i32;
+            s.orphaned_transaction_recovery_duration =
+                Some(ferrumq_protocol::duration_from_ms(2_000));
+        });
+        assert_eq!(
+            txn.kind,
+            Kind::Transaction {
+                recovery_ms: Some(2_000)
+            }
+        );
     }
 
     #[test]

@@ -25,8 +25,13 @@ const RESERVED_TOPIC_NAMES: [&str; 4] = [
 pub const MAX_TOPIC_NAME: usize = 127;
 pub const MAX_GROUP_NAME: usize = 255;
 
-/// The message types ferrumq stores today; the others are refused at topic creation.
-pub const SUPPORTED_MESSAGE_TYPES: [MessageType; 1] = [MessageType::Normal];
+/// The message types a topic may accept; a topic may accept several.
+pub const SUPPORTED_MESSAGE_TYPES: [MessageType; 4] = [
+    MessageType::Normal,
+    MessageType::Fifo,
+    MessageType::Delay,
+    MessageType::Transaction,
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicConfig {
@@ -243,7 +248,7 @@ impl Metadata {
                 return Err(ApiError::new(
                     Code::Unsupported,
                     format!(
-                        "topic.accept_message_types: {name} is not supported by this broker yet"
+                        "topic.accept_message_types: {name} is not a type this broker stores (NORMAL, FIFO, DELAY, TRANSACTION)"
                     ),
                 ));
             }
@@ -307,12 +312,6 @@ impl Metadata {
         if group.max_delivery_attempts == 0 {
             return Err(ApiError::bad_request(
                 "group.max_delivery_attempts must be at least 1",
-            ));
-        }
-        if group.fifo {
-            return Err(ApiError::new(
-                Code::Unsupported,
-                "group.fifo: orderly consumer groups are not supported by this broker yet",
             ));
         }
         let mut state = self.write();
@@ -390,18 +389,28 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_message_types_are_refused() {
+    fn unknown_message_types_are_refused_and_the_four_kinds_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let metadata = Metadata::open(dir.path(), Arc::new(BrokerConfig::default())).unwrap();
-        let topic = TopicConfig {
+        let topic = |types: &[&str]| TopicConfig {
             name: "d".into(),
             queue_count: 1,
-            accept_message_types: vec!["DELAY".into()],
+            accept_message_types: types.iter().map(|t| (*t).to_owned()).collect(),
         };
-        assert_eq!(
-            metadata.put_topic(topic, false).unwrap_err().code,
-            Code::Unsupported
-        );
+        let err = metadata
+            .put_topic(topic(&["DELAY", "LITE"]), false)
+            .unwrap_err();
+        assert_eq!(err.code, Code::Unsupported);
+        assert!(err.message.contains("LITE"), "{}", err.message);
         assert!(metadata.topic("d").is_none());
+        let all = ["NORMAL", "FIFO", "DELAY", "TRANSACTION"];
+        assert_eq!(
+            metadata
+                .put_topic(topic(&all), false)
+                .unwrap()
+                .message_types()
+                .len(),
+            4
+        );
     }
 }

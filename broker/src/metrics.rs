@@ -12,9 +12,19 @@ pub struct Metrics {
     messages_acked: AtomicU64,
     dead_lettered: AtomicU64,
     send_errors: AtomicU64,
+    pub transactions_committed: AtomicU64,
+    pub transactions_rolled_back: AtomicU64,
+    pub transactions_discarded: AtomicU64,
+    pub transaction_checks: AtomicU64,
+    pub timers_delivered: AtomicU64,
+    pub timers_recalled: AtomicU64,
 }
 
 impl Metrics {
+    pub fn add(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn add_received(&self, messages: u64, bytes: u64) {
         self.messages_in.fetch_add(messages, Ordering::Relaxed);
         self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
@@ -68,6 +78,36 @@ impl Metrics {
                 "ferrumq_send_errors_total",
                 "SendMessage requests refused.",
                 &self.send_errors,
+            ),
+            (
+                "rocketmq_commit_messages_total",
+                "Transactions committed.",
+                &self.transactions_committed,
+            ),
+            (
+                "rocketmq_rollback_messages_total",
+                "Transactions rolled back.",
+                &self.transactions_rolled_back,
+            ),
+            (
+                "ferrumq_transactions_discarded_total",
+                "Transactions discarded after the maximum number of checks.",
+                &self.transactions_discarded,
+            ),
+            (
+                "ferrumq_transaction_checks_total",
+                "Check-backs sent to producers.",
+                &self.transaction_checks,
+            ),
+            (
+                "ferrumq_timer_messages_delivered_total",
+                "Scheduled messages put into their topic when due.",
+                &self.timers_delivered,
+            ),
+            (
+                "ferrumq_timer_messages_recalled_total",
+                "Scheduled messages recalled before they were due.",
+                &self.timers_recalled,
             ),
         ];
         let mut out = String::new();

@@ -19,9 +19,11 @@ use crate::config::{BrokerConfig, FlushPolicy};
 use crate::consumer::{ConsumerGroups, OPS_TOPIC};
 use crate::error::{ApiError, ApiResult};
 use crate::filter::Filter;
-use crate::message::{self, Delivery};
+use crate::message::{self, CheckedMessage, Delivery, Kind, Placement, property};
 use crate::metadata::{self, GroupConfig, Metadata, TopicConfig};
 use crate::metrics::Metrics;
+use crate::timer::{self, TIMER_TOPIC, Timers};
+use crate::transaction::{HALF_TOPIC, Transactions};
 
 /// Where QueryRoute answers come from.
 pub enum Routes {
@@ -51,6 +53,8 @@ pub struct Broker {
     pub store: Arc<MessageStore>,
     pub metadata: Arc<Metadata>,
     pub consumers: Arc<ConsumerGroups>,
+    pub transactions: Arc<Transactions>,
+    pub timers: Arc<Timers>,
     pub metrics: Arc<Metrics>,
     pub routes: Routes,
     /// `host:port` clients use to reach this broker.
@@ -59,6 +63,9 @@ pub struct Broker {
     pub dispatched: watch::Receiver<u64>,
     next_queue: AtomicU32,
     telemetry: Mutex<Vec<(String, TelemetrySender)>>,
+    /// Wakes waiting receives when a message is finished or its lease changes: in a FIFO
+    /// group that frees the next message of its message group.
+    released: tokio::sync::Notify,
 }
 
 /// What a [`Broker`] is made of; `start` in the crate root opens each part.
@@ -67,6 +74,8 @@ pub struct Parts {
     pub store: Arc<MessageStore>,
     pub metadata: Arc<Metadata>,
     pub consumers: Arc<ConsumerGroups>,
+    pub transactions: Arc<Transactions>,
+    pub timers: Arc<Timers>,
     pub metrics: Arc<Metrics>,
     pub routes: Routes,
     pub endpoint: String,
@@ -108,12 +117,15 @@ impl Broker {
             store: parts.store,
             metadata: parts.metadata,
             consumers: parts.consumers,
+            transactions: parts.transactions,
+            timers: parts.timers,
             metrics: parts.metrics,
             routes: parts.routes,
             endpoint: parts.endpoint,
             dispatched: parts.dispatched,
             next_queue: AtomicU32::new(0),
             telemetry: Mutex::new(Vec::new()),
+            released: tokio::sync::Notify::new(),
         }
     }
 
@@ -137,8 +149,9 @@ impl Broker {
         &self,
         messages: Vec<v2::Message>,
         peer: SocketAddr,
+        client_id: &str,
     ) -> ApiResult<Vec<SendResultEntry>> {
-        let result = self.send_inner(messages, peer).await;
+        let result = self.send_inner(messages, peer, client_id).await;
         if result.is_err() {
             self.metrics.add_send_error();
         }
@@ -149,6 +162,7 @@ impl Broker {
         &self,
         messages: Vec<v2::Message>,
         peer: SocketAddr,
+        client_id: &str,
     ) -> ApiResult<Vec<SendResultEntry>> {
         let limits = &self.config.limits;
         if messages.is_empty() {
@@ -187,27 +201,33 @@ impl Broker {
             ));
         }
         let topic = self.topic_or_create(&topic_name)?;
-        if !topic.accepts(v2::MessageType::Normal) {
-            return Err(ApiError::new(
-                Code::MessagePropertyConflictWithType,
-                format!("topic {topic_name:?} does not accept NORMAL messages"),
-            ));
-        }
-        let checked = messages
+        let now = now_ms();
+        let mut checked = messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| message::check(i, m, limits))
+            .map(|(i, m)| message::check(i, m, limits, now))
             .collect::<ApiResult<Vec<_>>>()?;
+        for (i, message) in checked.iter_mut().enumerate() {
+            let wire_type = message.kind.wire_type();
+            if !topic.accepts(wire_type) {
+                return Err(ApiError::new(
+                    Code::MessagePropertyConflictWithType,
+                    format!(
+                        "messages[{i}].system_properties.message_type is {}; topic {topic_name:?} accepts {}",
+                        wire_type.as_str_name(),
+                        topic.accept_message_types.join(", ")
+                    ),
+                ));
+            }
+            self.place(&topic, message, now, client_id)?;
+        }
 
         let records: Vec<NewRecord<'_>> = checked
             .iter()
             .map(|message| NewRecord {
-                topic: &topic.name,
-                queue_id: match message.queue_id {
-                    Some(q) if q < topic.queue_count => q,
-                    _ => self.next_queue.fetch_add(1, Ordering::Relaxed) % topic.queue_count,
-                },
-                message_type: MessageType::Normal,
+                topic: message.placement.internal_topic.unwrap_or(&topic.name),
+                queue_id: message.placement.queue_id,
+                message_type: message.placement.stored_type,
                 born_timestamp_ms: message.born_timestamp_ms,
                 born_host: peer,
                 properties: message.properties.as_ref(),
@@ -222,16 +242,141 @@ impl Broker {
         let entries: Vec<SendResultEntry> = checked
             .iter()
             .zip(&appended)
-            .map(|(message, appended)| SendResultEntry {
-                status: Some(Status::ok()),
-                message_id: message.message_id.clone(),
-                transaction_id: String::new(),
-                offset: i64::try_from(appended.queue_offset.0).unwrap_or(i64::MAX),
+            .map(|(message, appended)| {
+                let offset = appended.queue_offset.0;
+                let mut entry = SendResultEntry {
+                    status: Some(Status::ok()),
+                    message_id: message.message_id.clone(),
+                    transaction_id: String::new(),
+                    offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                    recall_handle: String::new(),
+                };
+                match (&message.kind, message.placement.internal_topic) {
+                    (Kind::Transaction { recovery_ms }, _) => {
+                        entry.transaction_id = self.transactions.prepared(
+                            offset,
+                            appended.pos,
+                            &topic.name,
+                            client_id,
+                            appended.store_timestamp_ms,
+                            *recovery_ms,
+                        );
+                    }
+                    (Kind::Delay { deliver_at_ms }, Some(TIMER_TOPIC)) => {
+                        entry.recall_handle =
+                            timer::recall_handle(&topic.name, offset, *deliver_at_ms);
+                    }
+                    _ => {}
+                }
+                entry
             })
             .collect();
         self.durable(last_end).await?;
         self.metrics.add_received(entries.len() as u64, bytes);
         Ok(entries)
+    }
+
+    /// Decides where a checked message is stored: its topic and queue, or the internal
+    /// topic of half messages or of messages due later.
+    fn place(
+        &self,
+        topic: &TopicConfig,
+        message: &mut CheckedMessage,
+        now: i64,
+        client_id: &str,
+    ) -> ApiResult<()> {
+        let chosen_queue = match (&message.kind, message.queue_id) {
+            (_, Some(q)) if q < topic.queue_count => q,
+            (Kind::Fifo { message_group }, _) => {
+                crc32fast::hash(message_group.as_bytes()) % topic.queue_count
+            }
+            _ => self.next_queue.fetch_add(1, Ordering::Relaxed) % topic.queue_count,
+        };
+        message.placement = match &message.kind {
+            Kind::Normal => Placement::direct(MessageType::Normal, chosen_queue),
+            Kind::Fifo { .. } => Placement::direct(MessageType::Fifo, chosen_queue),
+            Kind::Delay { deliver_at_ms } if *deliver_at_ms <= now => {
+                Placement::direct(MessageType::Delay, chosen_queue)
+            }
+            Kind::Delay { .. } => {
+                message
+                    .properties
+                    .push(property::REAL_TOPIC, &topic.name)
+                    .map_err(|e| ApiError::new(Code::MessagePropertiesTooLarge, e.to_string()))?;
+                Placement::internal(TIMER_TOPIC, MessageType::Delay)
+            }
+            Kind::Transaction { recovery_ms } => {
+                message.properties = Transactions::half_properties(
+                    &message.properties,
+                    &topic.name,
+                    chosen_queue,
+                    client_id,
+                    *recovery_ms,
+                )?;
+                Placement::internal(HALF_TOPIC, MessageType::TransactionHalf)
+            }
+        };
+        Ok(())
+    }
+
+    /// A producer's COMMIT, ROLLBACK or "unknown" for a transaction; answered once the
+    /// decision is durable.
+    pub async fn end_transaction(
+        &self,
+        topic: &str,
+        message_id: &str,
+        transaction_id: &str,
+        resolution: v2::TransactionResolution,
+    ) -> ApiResult<()> {
+        let end = self
+            .transactions
+            .end(topic, message_id, transaction_id, resolution)?;
+        self.durable(Some(end)).await
+    }
+
+    /// Sends the due transaction check-backs to their producers' Telemetry streams.
+    pub fn send_check_backs(&self, now: i64) -> ApiResult<usize> {
+        let checks = self
+            .transactions
+            .due_checks(now, &|client| self.is_connected(client))?;
+        let mut sent = 0;
+        for check in checks {
+            let mut message = message::to_wire(&check.half.view(), None, &self.endpoint);
+            if let Some(system) = message.system_properties.as_mut() {
+                system.queue_id = check
+                    .half
+                    .view()
+                    .properties
+                    .get(property::REAL_QUEUE_ID)
+                    .and_then(|q| q.parse().ok())
+                    .unwrap_or(0);
+            }
+            let command = v2::TelemetryCommand {
+                status: Some(Status::ok()),
+                command: Some(
+                    v2::telemetry_command::Command::RecoverOrphanedTransactionCommand(
+                        v2::RecoverOrphanedTransactionCommand {
+                            message: Some(message),
+                            transaction_id: check.transaction_id.clone(),
+                        },
+                    ),
+                ),
+            };
+            if self.send_to_client(&check.client, command) {
+                sent += 1;
+                self.metrics.add(&self.metrics.transaction_checks, 1);
+                tracing::debug!(client = %check.client, transaction_id = %check.transaction_id, "transaction check-back sent");
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Cancels a scheduled message; answered once the cancellation is durable.
+    pub async fn recall(&self, topic: &str, handle: &str) -> ApiResult<String> {
+        metadata::check_topic_name(topic)?;
+        let (message_id, end) = self.timers.recall(topic, handle)?;
+        self.durable(Some(end)).await?;
+        Ok(message_id)
     }
 
     pub fn topic_or_create(&self, name: &str) -> ApiResult<TopicConfig> {
@@ -317,6 +462,7 @@ impl Broker {
         let mut dispatched = self.dispatched.clone();
         loop {
             dispatched.borrow_and_update();
+            let released = self.released.notified();
             // The lease record is not awaited: a process crash keeps it (it is in the page
             // cache), and if a machine crash loses it, the message is only delivered again.
             let now = now_ms();
@@ -360,7 +506,10 @@ impl Broker {
                 let wait = u64::try_from(lease_end.saturating_sub(now_ms())).unwrap_or(0);
                 wake = wake.min(now + Duration::from_millis(wait.max(1)));
             }
-            wait_for_progress(&mut dispatched, wake).await;
+            tokio::select! {
+                () = wait_for_progress(&mut dispatched, wake) => {}
+                () = released => {}
+            }
         }
     }
 
@@ -375,6 +524,7 @@ impl Broker {
         let topic = self.readable_topic(topic)?;
         let (outcomes, end) = self.consumers.ack(&group, &topic, handles);
         self.durable(end).await?;
+        self.released.notify_waiters();
         Ok(outcomes)
     }
 
@@ -404,6 +554,7 @@ impl Broker {
             self.consumers
                 .change_invisible(&group, &topic, handle, ms, now_ms())?;
         self.durable(Some(end)).await?;
+        self.released.notify_waiters();
         Ok(handle)
     }
 
@@ -418,7 +569,9 @@ impl Broker {
         let end = self
             .consumers
             .forward_to_dead_letter(&group, &topic, handle)?;
-        self.durable(Some(end)).await
+        self.durable(Some(end)).await?;
+        self.released.notify_waiters();
+        Ok(())
     }
 
     fn known_group(&self, name: &str) -> ApiResult<GroupConfig> {
@@ -616,6 +769,7 @@ impl Broker {
             policy.consumer_max_attempts =
                 i32::try_from(group.max_delivery_attempts).unwrap_or(i32::MAX);
             policy.retry_backoff_ms = group.retry_backoff_ms;
+            policy.fifo = group.fifo;
         }
         Ok(policy)
     }
@@ -628,6 +782,19 @@ impl Broker {
             .unwrap_or_else(PoisonError::into_inner);
         streams.retain(|(_, s)| !s.is_closed());
         streams.push((client_id, sender));
+    }
+
+    /// Pushes a command down one of the client's open Telemetry streams; false when none
+    /// takes it.
+    fn send_to_client(&self, client_id: &str, command: v2::TelemetryCommand) -> bool {
+        let streams = self
+            .telemetry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        streams
+            .iter()
+            .filter(|(id, s)| id == client_id && !s.is_closed())
+            .any(|(_, s)| s.try_send(Ok(command.clone())).is_ok())
     }
 
     /// Whether the client still has a Telemetry stream open with this broker.

@@ -150,8 +150,37 @@ async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
     grouped.system_properties.as_mut().unwrap().message_group = Some("g".into());
     let mut bad_key = message("t", b"x");
     bad_key.system_properties.as_mut().unwrap().keys = vec!["a\u{1}b".into()];
+    let in_secs = |secs: i64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        Some(prost_types::Timestamp {
+            seconds: i64::try_from(now.as_secs()).unwrap() + secs,
+            nanos: 0,
+        })
+    };
     let mut delay = message("t", b"x");
     delay.system_properties.as_mut().unwrap().message_type = MessageType::Delay as i32;
+    delay.system_properties.as_mut().unwrap().delivery_timestamp = in_secs(60);
+    let mut untimed_delay = message("t", b"x");
+    untimed_delay
+        .system_properties
+        .as_mut()
+        .unwrap()
+        .message_type = MessageType::Delay as i32;
+    let mut far_delay = untimed_delay.clone();
+    // Eight days: past the seven-day limit (and what Python's milliseconds-as-seconds gives).
+    far_delay
+        .system_properties
+        .as_mut()
+        .unwrap()
+        .delivery_timestamp = in_secs(8 * 24 * 3600);
+    let mut groupless_fifo = message("t", b"x");
+    groupless_fifo
+        .system_properties
+        .as_mut()
+        .unwrap()
+        .message_type = MessageType::Fifo as i32;
     let cases: Vec<(Vec<Message>, Code, &str)> = vec![
         (
             vec![message("bad topic", b"x")],
@@ -218,6 +247,21 @@ async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
             "message_group",
         ),
         (vec![bad_key], Code::IllegalMessageKey, "keys"),
+        (
+            vec![untimed_delay],
+            Code::IllegalDeliveryTime,
+            "delivery_timestamp",
+        ),
+        (
+            vec![far_delay],
+            Code::IllegalDeliveryTime,
+            "delivery_timestamp",
+        ),
+        (
+            vec![groupless_fifo],
+            Code::IllegalMessageGroup,
+            "message_group",
+        ),
         (vec![message("t", b"x"); 1025], Code::BadRequest, "messages"),
         // A good message followed by a bad one: neither is stored.
         (

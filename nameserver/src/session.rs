@@ -18,6 +18,9 @@ pub struct SettingsPolicy {
     pub retry_backoff_ms: Vec<u64>,
     pub receive_batch_size: i32,
     pub long_polling_timeout_ms: u64,
+    /// The consumer group is orderly: messages of one message group are handed out one at
+    /// a time, in order.
+    pub fifo: bool,
 }
 
 impl Default for SettingsPolicy {
@@ -29,6 +32,7 @@ impl Default for SettingsPolicy {
             retry_backoff_ms: vec![1000, 5000, 10_000, 30_000, 60_000],
             receive_batch_size: 32,
             long_polling_timeout_ms: 20_000,
+            fifo: false,
         }
     }
 }
@@ -72,7 +76,7 @@ pub fn settings_reply(client: &Settings, policy: &SettingsPolicy) -> Settings {
             subscription.long_polling_timeout = Some(ferrumq_protocol::duration_from_ms(
                 policy.long_polling_timeout_ms,
             ));
-            subscription.fifo = Some(false);
+            subscription.fifo = Some(policy.fifo);
         }
         _ => {
             reply.backoff_policy = Some(RetryPolicy {

@@ -17,8 +17,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ferrumq_protocol::v2::Code;
+use std::collections::{HashSet, VecDeque};
+
 use ferrumq_storage::{
-    LogPos, MessageStore, MessageType, NewRecord, QueueOffset, StoredRecord, TermIndex, keys,
+    ConsumeQueue, LogPos, MessageStore, MessageType, NewRecord, QueueOffset, StoredRecord,
+    TermIndex, keys,
 };
 
 use crate::error::{ApiError, ApiResult, BrokerError};
@@ -28,7 +31,7 @@ use crate::message::property;
 use crate::metadata::{GroupConfig, Metadata, StartPosition, TopicConfig};
 use crate::metrics::Metrics;
 use receipt::ReceiptHandle;
-use state::{ConsumerState, Op};
+use state::{ConsumerState, Op, QueueState};
 
 /// The internal topic that journals consumer-state changes.
 pub const OPS_TOPIC: &str = "%SYS%CONSUMER_STATE";
@@ -36,6 +39,20 @@ const SNAPSHOT_FILE: &str = "consumer-state.json";
 static NO_PROPERTIES: ferrumq_storage::Properties = ferrumq_storage::Properties::new();
 /// New messages looked at per receive before giving up on a heavily filtered queue.
 const MAX_SCAN_PER_RECEIVE: u64 = 4096;
+
+/// Where a queue's scan for new messages stopped, and whether it stopped at its limit.
+struct Scan {
+    next: u64,
+    more: bool,
+}
+
+fn message_group(record: &StoredRecord) -> &str {
+    record
+        .view()
+        .properties
+        .get(property::MESSAGE_GROUP)
+        .unwrap_or_default()
+}
 
 /// One message handed out by a receive.
 pub struct Delivered {
@@ -207,6 +224,7 @@ impl ConsumerGroups {
         // recorded only once the deliveries are journaled: a failure leaves nothing skipped.
         let mut scanned = Vec::new();
         let mut more = false;
+        let ordered = group.fifo && topic.accepts(ferrumq_protocol::v2::MessageType::Fifo);
         for &queue_id in &queue_ids {
             if picked.len() >= batch {
                 break;
@@ -218,42 +236,18 @@ impl ConsumerGroups {
             let qs = state.queue_mut(&group.name, &topic.name, queue_id, start);
             // Retention deleted what the group never finished: nothing is left to deliver.
             qs.skip_below(queue.min_offset().0);
-            let end = queue.max_offset().0;
-            let mut offset = qs.next_unscanned();
-            let scan_limit = offset.saturating_add(MAX_SCAN_PER_RECEIVE);
-            while offset < end && picked.len() < batch {
-                if offset >= scan_limit {
-                    more = true;
-                    break;
-                }
-                if qs.is_done(offset) || qs.leases.contains_key(&offset) {
-                    offset += 1;
-                    continue;
-                }
-                let Some(entry) = queue.get(QueueOffset(offset)) else {
-                    break;
-                };
-                let matched = if filter.may_match(entry.tag_hash) {
-                    let record = self.store.read(entry.log_pos)?;
-                    if filter.matches(&record.view().properties) {
-                        Some(record)
-                    } else {
-                        None
-                    }
-                } else {
-                    None
-                };
-                match matched {
-                    Some(record) => {
-                        picked.push((queue_id, offset, 1));
-                        records.push(record);
-                    }
-                    // Filtered out for this group; not journaled: a restart filters it again.
-                    None => qs.mark_done(offset),
-                }
-                offset += 1;
-            }
-            scanned.push((queue_id, offset));
+            let room = batch - picked.len();
+            let mut pick = |offset: u64, record: StoredRecord| {
+                picked.push((queue_id, offset, 1));
+                records.push(record);
+            };
+            let scan = if ordered {
+                self.scan_ordered(qs, &queue, filter, room, &mut pick)?
+            } else {
+                self.scan(qs, &queue, filter, room, &mut pick)?
+            };
+            more |= scan.more;
+            scanned.push((queue_id, scan.next));
         }
         let record_scans = |state: &mut ConsumerState| {
             for (queue_id, offset) in &scanned {
@@ -595,6 +589,151 @@ impl ConsumerGroups {
         };
         self.store.durable(LogPos(end)).wait()?;
         files::replace_file(&self.snapshot_path, &bytes)
+    }
+
+    /// New messages in store order, from where the last scan stopped.
+    fn scan(
+        &self,
+        qs: &mut QueueState,
+        queue: &ConsumeQueue,
+        filter: &Filter,
+        room: usize,
+        pick: &mut dyn FnMut(u64, StoredRecord),
+    ) -> ApiResult<Scan> {
+        let end = queue.max_offset().0;
+        let mut offset = qs.next_unscanned();
+        let scan_limit = offset.saturating_add(MAX_SCAN_PER_RECEIVE);
+        let (mut taken, mut more) = (0, false);
+        while offset < end && taken < room {
+            if offset >= scan_limit {
+                more = true;
+                break;
+            }
+            if qs.is_done(offset) || qs.leases.contains_key(&offset) {
+                offset += 1;
+                continue;
+            }
+            match self.read_matching(queue, offset, filter)? {
+                None => break,
+                Some(Some(record)) => {
+                    pick(offset, record);
+                    taken += 1;
+                }
+                // Filtered out for this group; not journaled: a restart filters it again.
+                Some(None) => qs.mark_done(offset),
+            }
+            offset += 1;
+        }
+        Ok(Scan { next: offset, more })
+    }
+
+    /// A FIFO group's scan: at most one message of each message group is out at a time.
+    /// A message whose group has one out waits in `qs.waiting` and goes first, in store
+    /// order, once the group is free; other groups in the queue go on meanwhile.
+    fn scan_ordered(
+        &self,
+        qs: &mut QueueState,
+        queue: &ConsumeQueue,
+        filter: &Filter,
+        room: usize,
+        pick: &mut dyn FnMut(u64, StoredRecord),
+    ) -> ApiResult<Scan> {
+        // A group is busy while one of its messages is leased, even if that lease ended:
+        // that message is delivered again before any later one.
+        let mut busy: HashSet<String> = qs
+            .leases
+            .keys()
+            .filter_map(|&offset| self.record_in(queue, offset))
+            .map(|record| message_group(&record).to_owned())
+            .collect();
+        let mut taken = 0;
+        let free: Vec<String> = qs
+            .waiting
+            .keys()
+            .filter(|g| !busy.contains(*g))
+            .cloned()
+            .collect();
+        for group in free {
+            if taken >= room {
+                break;
+            }
+            while let Some(offset) = qs.waiting.get_mut(&group).and_then(VecDeque::pop_front) {
+                if qs.is_done(offset) || qs.leases.contains_key(&offset) {
+                    continue;
+                }
+                if let Some(record) = self.record_in(queue, offset) {
+                    pick(offset, record);
+                    taken += 1;
+                    busy.insert(group.clone());
+                    break;
+                }
+            }
+            if qs.waiting.get(&group).is_some_and(VecDeque::is_empty) {
+                qs.waiting.remove(&group);
+            }
+        }
+        let end = queue.max_offset().0;
+        let mut offset = qs.next_unscanned();
+        let scan_limit = offset.saturating_add(MAX_SCAN_PER_RECEIVE);
+        let mut more = false;
+        while offset < end && taken < room {
+            if offset >= scan_limit {
+                more = true;
+                break;
+            }
+            if qs.is_done(offset) || qs.leases.contains_key(&offset) {
+                offset += 1;
+                continue;
+            }
+            match self.read_matching(queue, offset, filter)? {
+                None => break,
+                Some(None) => qs.mark_done(offset),
+                Some(Some(record)) => {
+                    let group = message_group(&record);
+                    if group.is_empty() {
+                        // No message group: no order to keep.
+                        pick(offset, record);
+                        taken += 1;
+                    } else if busy.contains(group) || qs.waiting.contains_key(group) {
+                        let waiting = qs.waiting.entry(group.to_owned()).or_default();
+                        if waiting.back().is_none_or(|&last| last < offset) {
+                            waiting.push_back(offset);
+                        }
+                    } else {
+                        busy.insert(group.to_owned());
+                        pick(offset, record);
+                        taken += 1;
+                    }
+                }
+            }
+            offset += 1;
+        }
+        Ok(Scan { next: offset, more })
+    }
+
+    /// The record at `offset` if it passes `filter` (`Some(None)` if not), or `None` past
+    /// the queue's end.
+    fn read_matching(
+        &self,
+        queue: &ConsumeQueue,
+        offset: u64,
+        filter: &Filter,
+    ) -> ApiResult<Option<Option<StoredRecord>>> {
+        let Some(entry) = queue.get(QueueOffset(offset)) else {
+            return Ok(None);
+        };
+        if !filter.may_match(entry.tag_hash) {
+            return Ok(Some(None));
+        }
+        let record = self.store.read(entry.log_pos)?;
+        Ok(Some(
+            filter.matches(&record.view().properties).then_some(record),
+        ))
+    }
+
+    fn record_in(&self, queue: &ConsumeQueue, offset: u64) -> Option<StoredRecord> {
+        let entry = queue.get(QueueOffset(offset))?;
+        self.store.read(entry.log_pos).ok()
     }
 
     fn record_at(&self, topic: &str, queue_id: u32, offset: u64) -> Option<StoredRecord> {

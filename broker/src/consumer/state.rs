@@ -5,7 +5,7 @@
 //! the client, and recovery replays the ops written after the last snapshot, so the state
 //! after a crash is the state the clients were told about.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,11 @@ pub struct QueueState {
     /// scanning resumes at `floor` and skips what is done or leased.
     #[serde(skip)]
     pub scanned: u64,
+    /// FIFO groups only: offsets scanned while their message group had a message out, per
+    /// message group in offset order. Each goes out once the one before it is finished.
+    /// Not kept either: the rescan from `floor` after a restart finds them again.
+    #[serde(skip)]
+    pub waiting: HashMap<String, VecDeque<u64>>,
 }
 
 impl QueueState {

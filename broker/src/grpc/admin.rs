@@ -6,10 +6,11 @@ use std::sync::Arc;
 use ferrumq_protocol::admin::admin_service_server::AdminService;
 use ferrumq_protocol::admin::{
     CreateGroupRequest, CreateGroupResponse, CreateTopicRequest, CreateTopicResponse,
-    DeleteTopicRequest, DeleteTopicResponse, DescribeGroupRequest, DescribeGroupResponse, Group,
-    ListGroupsRequest, ListGroupsResponse, ListTopicsRequest, ListTopicsResponse,
-    QueryMessageRequest, QueryMessageResponse, QueueProgress, StartPosition as WireStart,
-    StoredMessage, Topic, query_message_request,
+    DeleteTopicRequest, DeleteTopicResponse, DescribeGroupRequest, DescribeGroupResponse,
+    DiscardedTransaction, Group, ListDiscardedTransactionsRequest,
+    ListDiscardedTransactionsResponse, ListGroupsRequest, ListGroupsResponse, ListTopicsRequest,
+    ListTopicsResponse, QueryMessageRequest, QueryMessageResponse, QueueProgress,
+    StartPosition as WireStart, StoredMessage, Topic, query_message_request,
 };
 use ferrumq_protocol::v2::{Code, MessageType};
 use tonic::{Request, Response};
@@ -271,5 +272,36 @@ impl AdminService for AdminApi {
             })
             .collect();
         Ok(Response::new(QueryMessageResponse { messages }))
+    }
+
+    async fn list_discarded_transactions(
+        &self,
+        request: Request<ListDiscardedTransactionsRequest>,
+    ) -> Reply<ListDiscardedTransactionsResponse> {
+        let request = request.into_inner();
+        let max = if request.max == 0 {
+            100
+        } else {
+            request.max as usize
+        };
+        let transactions = self
+            .broker
+            .transactions
+            .discarded(&request.topic, max)
+            .into_iter()
+            .map(|d| DiscardedTransaction {
+                message: Some(message::to_wire(
+                    &d.record.view(),
+                    None,
+                    &self.broker.endpoint,
+                )),
+                transaction_id: d.transaction_id,
+                checks: d.checks,
+                discarded_ms: d.record.view().store_timestamp_ms,
+            })
+            .collect();
+        Ok(Response::new(ListDiscardedTransactionsResponse {
+            transactions,
+        }))
     }
 }

@@ -14,9 +14,10 @@ use ferrumq_protocol::v2::{
     NotifyClientTerminationRequest, NotifyClientTerminationResponse, PullMessageRequest,
     PullMessageResponse, QueryAssignmentRequest, QueryAssignmentResponse, QueryOffsetPolicy,
     QueryOffsetRequest, QueryOffsetResponse, QueryRouteRequest, QueryRouteResponse,
-    ReceiveMessageRequest, ReceiveMessageResponse, Resource, SendMessageRequest,
-    SendMessageResponse, Status, TelemetryCommand, UpdateOffsetRequest, UpdateOffsetResponse,
-    pull_message_response, receive_message_response, settings,
+    RecallMessageRequest, RecallMessageResponse, ReceiveMessageRequest, ReceiveMessageResponse,
+    Resource, SendMessageRequest, SendMessageResponse, Status, TelemetryCommand,
+    TransactionResolution, UpdateOffsetRequest, UpdateOffsetResponse, pull_message_response,
+    receive_message_response, settings,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response};
@@ -96,7 +97,11 @@ impl MessagingService for MessagingApi {
     ) -> Reply<SendMessageResponse> {
         let peer = peer(&request);
         let result = match client_id(&request) {
-            Ok(_) => self.broker.send(request.into_inner().messages, peer).await,
+            Ok(client) => {
+                self.broker
+                    .send(request.into_inner().messages, peer, &client)
+                    .await
+            }
             Err(e) => Err(e),
         };
         let (status, entries) = match result {
@@ -394,12 +399,31 @@ impl MessagingService for MessagingApi {
         &self,
         request: Request<EndTransactionRequest>,
     ) -> Reply<EndTransactionResponse> {
-        let result: ApiResult<()> = client_id(&request).and_then(|_| {
-            Err(ApiError::new(
-                Code::NotImplemented,
-                "transactional messages are not supported by this broker yet",
-            ))
-        });
+        let result = match client_id(&request) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let r = request.get_ref();
+                let resolution = TransactionResolution::try_from(r.resolution).map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "resolution {} is not COMMIT (1), ROLLBACK (2) or UNSPECIFIED (0)",
+                        r.resolution
+                    ))
+                });
+                match resolution {
+                    Err(e) => Err(e),
+                    Ok(resolution) => {
+                        self.broker
+                            .end_transaction(
+                                name(r.topic.as_ref()),
+                                &r.message_id,
+                                &r.transaction_id,
+                                resolution,
+                            )
+                            .await
+                    }
+                }
+            }
+        };
         Ok(Response::new(EndTransactionResponse {
             status: Some(status_of(&result)),
         }))
@@ -463,6 +487,25 @@ impl MessagingService for MessagingApi {
         Ok(Response::new(ChangeInvisibleDurationResponse {
             status: Some(status_of(&result)),
             receipt_handle: result.unwrap_or_default(),
+        }))
+    }
+
+    async fn recall_message(
+        &self,
+        request: Request<RecallMessageRequest>,
+    ) -> Reply<RecallMessageResponse> {
+        let result = match client_id(&request) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let r = request.get_ref();
+                self.broker
+                    .recall(name(r.topic.as_ref()), &r.recall_handle)
+                    .await
+            }
+        };
+        Ok(Response::new(RecallMessageResponse {
+            status: Some(status_of(&result)),
+            message_id: result.unwrap_or_default(),
         }))
     }
 }

@@ -76,6 +76,35 @@ pub async fn admin(addr: SocketAddr) -> AdminServiceClient<tonic::transport::Cha
 
 /// A group that reads from the start of each queue, so no test races its producer.
 pub async fn create_group(addr: SocketAddr, name: &str, max_delivery_attempts: u32) {
+    create_group_with(addr, name, max_delivery_attempts, false).await;
+}
+
+/// A topic that accepts `types` (`"FIFO"`, `"DELAY"`, `"TRANSACTION"`, `"NORMAL"`).
+pub async fn create_topic(addr: SocketAddr, name: &str, queue_count: u32, types: &[&str]) {
+    admin(addr)
+        .await
+        .create_topic(ferrumq_protocol::admin::CreateTopicRequest {
+            topic: Some(ferrumq_protocol::admin::Topic {
+                name: name.to_owned(),
+                queue_count,
+                accept_message_types: types
+                    .iter()
+                    .map(|t| ferrumq_protocol::v2::MessageType::from_str_name(t).unwrap() as i32)
+                    .collect(),
+            }),
+            update_existing: true,
+        })
+        .await
+        .unwrap();
+}
+
+/// [`create_group`], orderly (FIFO) if `fifo`.
+pub async fn create_group_with(
+    addr: SocketAddr,
+    name: &str,
+    max_delivery_attempts: u32,
+    fifo: bool,
+) {
     admin(addr)
         .await
         .create_group(CreateGroupRequest {
@@ -84,7 +113,7 @@ pub async fn create_group(addr: SocketAddr, name: &str, max_delivery_attempts: u
                 max_delivery_attempts,
                 start_position: StartPosition::Earliest as i32,
                 retry_backoff_ms: Vec::new(),
-                fifo: false,
+                fifo,
             }),
             update_existing: true,
         })

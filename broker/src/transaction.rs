@@ -1,0 +1,663 @@
+//! Transactional messages: half messages, their decisions, and check-backs.
+//!
+//! A TRANSACTION message is stored as a half message in [`HALF_TOPIC`], where no consumer
+//! sees it. Its transaction id names its offset there, so `EndTransaction` finds it without
+//! any cache, also after a restart. Each transaction moves once from pending to committed,
+//! rolled back or discarded; that decision is journaled in [`DECISION_TOPIC`] and the first
+//! one wins. A commit appends the visible copy and its decision in one batch, copy first, so
+//! a decision on disk always has its copy; a copy without its decision (a crash between the
+//! two) is found through the message index on restart.
+//!
+//! A half message left pending past its check immunity is checked: the broker asks a live
+//! producer of the topic over its Telemetry stream, the next time another one, every
+//! `check_interval_ms`, up to `max_checks` times. Then it is copied to [`DISCARDED_TOPIC`]
+//! for a person to look at.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use ferrumq_protocol::v2::{Code, TransactionResolution};
+use ferrumq_storage::{
+    LogPos, MessageStore, MessageType, NewRecord, Properties, QueueOffset, StoredRecord, TermIndex,
+    keys,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TransactionSettings;
+use crate::error::{ApiError, ApiResult, BrokerError};
+use crate::message::property;
+use crate::metrics::Metrics;
+
+/// Half messages, queue 0; a transaction id is an offset in this queue.
+pub const HALF_TOPIC: &str = "%SYS%TRANS_HALF";
+/// Decisions and check counts, journaled.
+pub const DECISION_TOPIC: &str = "%SYS%TRANS_OP";
+/// Half messages given up on after the maximum number of checks.
+pub const DISCARDED_TOPIC: &str = "%SYS%TRANS_DISCARDED";
+
+/// Properties that only the half message carries.
+const HALF_ONLY: [&str; 4] = [
+    property::REAL_TOPIC,
+    property::REAL_QUEUE_ID,
+    property::TRANSACTION_PRODUCER,
+    property::CHECK_IMMUNITY_MS,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Pending,
+    Committed,
+    RolledBack,
+    Discarded,
+}
+
+impl Decision {
+    fn describe(self) -> &'static str {
+        match self {
+            Decision::Pending => "pending",
+            Decision::Committed => "committed",
+            Decision::RolledBack => "rolled back",
+            Decision::Discarded => "discarded after its checks went unanswered",
+        }
+    }
+}
+
+/// One journaled change; `half` is the half message's offset in [`HALF_TOPIC`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum Op {
+    Commit { half: u64 },
+    Rollback { half: u64 },
+    Discard { half: u64 },
+    Checked { half: u64, checks: u32 },
+}
+
+/// A half message waiting for its decision.
+#[derive(Debug)]
+struct Pending {
+    /// Where the half message is: the consume queue may not have it yet.
+    log_pos: LogPos,
+    topic: String,
+    producer: String,
+    checks: u32,
+    next_check_ms: i64,
+    last_asked: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Half offset of `decisions[0]`.
+    base: u64,
+    decisions: VecDeque<Decision>,
+    pending: HashMap<u64, Pending>,
+    /// `(next_check_ms, half)` of every pending transaction.
+    schedule: BTreeSet<(i64, u64)>,
+    /// Client ids that sent transactional messages to each topic, oldest first.
+    producers: HashMap<String, Vec<String>>,
+}
+
+impl State {
+    fn decision(&self, half: u64) -> Option<Decision> {
+        let index = usize::try_from(half.checked_sub(self.base)?).ok()?;
+        self.decisions.get(index).copied()
+    }
+
+    fn set(&mut self, half: u64, decision: Decision) {
+        let Some(index) = half
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return;
+        };
+        if self.decisions.len() <= index {
+            self.decisions.resize(index + 1, Decision::Pending);
+        }
+        self.decisions[index] = decision;
+        if decision != Decision::Pending
+            && let Some(p) = self.pending.remove(&half)
+        {
+            self.schedule.remove(&(p.next_check_ms, half));
+        }
+    }
+
+    fn add_pending(&mut self, half: u64, pending: Pending) {
+        self.set(half, Decision::Pending);
+        let producers = self.producers.entry(pending.topic.clone()).or_default();
+        if !producers.contains(&pending.producer) {
+            producers.push(pending.producer.clone());
+            if producers.len() > 64 {
+                producers.remove(0);
+            }
+        }
+        self.schedule.insert((pending.next_check_ms, half));
+        self.pending.insert(half, pending);
+    }
+
+    fn reschedule(&mut self, half: u64, next_check_ms: i64) {
+        if let Some(p) = self.pending.get_mut(&half) {
+            self.schedule.remove(&(p.next_check_ms, half));
+            p.next_check_ms = next_check_ms;
+            self.schedule.insert((next_check_ms, half));
+        }
+    }
+}
+
+/// A check-back to send: ask `client` about the transaction of `half`.
+pub struct CheckBack {
+    pub half: StoredRecord,
+    pub transaction_id: String,
+    pub client: String,
+}
+
+/// A half message that was discarded, as the admin service lists it.
+pub struct Discarded {
+    pub record: StoredRecord,
+    pub transaction_id: String,
+    pub checks: u32,
+}
+
+pub struct Transactions {
+    store: Arc<MessageStore>,
+    settings: TransactionSettings,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+}
+
+/// The transaction id the producer gets for a half message.
+pub fn transaction_id(half: u64) -> String {
+    format!("T{half:016X}")
+}
+
+fn parse_transaction_id(id: &str) -> Option<u64> {
+    let hex = id.strip_prefix('T').filter(|h| h.len() == 16)?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn no_host() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+static NO_PROPERTIES: Properties = Properties::new();
+
+impl Transactions {
+    /// Rebuilds the pending transactions from the half messages and the decision journal.
+    pub fn open(
+        store: Arc<MessageStore>,
+        settings: TransactionSettings,
+        metrics: Arc<Metrics>,
+        now_ms: i64,
+    ) -> Result<Transactions, BrokerError> {
+        let transactions = Transactions {
+            store,
+            settings,
+            metrics,
+            state: Mutex::new(State::default()),
+        };
+        let Some(halves) = transactions.store.consume_queue(HALF_TOPIC, 0) else {
+            return Ok(transactions);
+        };
+        let mut state = transactions.lock();
+        state.base = halves.min_offset().0;
+        let end = halves.max_offset().0;
+        let mut checks: HashMap<u64, u32> = HashMap::new();
+        if let Some(ops) = transactions.store.consume_queue(DECISION_TOPIC, 0) {
+            for offset in ops.min_offset().0..ops.max_offset().0 {
+                let Some(entry) = ops.get(QueueOffset(offset)) else {
+                    break;
+                };
+                let record = transactions.store.read(entry.log_pos)?;
+                let op: Op = serde_json::from_slice(record.view().body).map_err(|e| {
+                    BrokerError::Corrupt {
+                        path: transactions.store.dir().join("commitlog"),
+                        reason: format!("transaction journal entry {offset}: {e}"),
+                    }
+                })?;
+                match op {
+                    Op::Commit { half } => state.set(half, Decision::Committed),
+                    Op::Rollback { half } => state.set(half, Decision::RolledBack),
+                    Op::Discard { half } => state.set(half, Decision::Discarded),
+                    Op::Checked { half, checks: n } => {
+                        checks.insert(half, n);
+                    }
+                }
+            }
+        }
+        let mut recovered = 0u64;
+        let mut torn = Vec::new();
+        for half in state.base..end {
+            if state.decision(half).is_some_and(|d| d != Decision::Pending) {
+                continue;
+            }
+            let Some(entry) = halves.get(QueueOffset(half)) else {
+                break;
+            };
+            let record = transactions.store.read(entry.log_pos)?;
+            let view = record.view();
+            let topic = view
+                .properties
+                .get(property::REAL_TOPIC)
+                .unwrap_or_default();
+            let id = view.properties.get(keys::MESSAGE_ID).unwrap_or_default();
+            // A commit whose decision did not reach the log before a crash.
+            let committed = transactions
+                .store
+                .query_by_id(id, view.store_timestamp_ms, i64::MAX)
+                .iter()
+                .any(|r| {
+                    let v = r.view();
+                    v.topic == topic && v.message_type == MessageType::TransactionCommit
+                });
+            if committed {
+                state.set(half, Decision::Committed);
+                torn.push(half);
+                continue;
+            }
+            let checks = checks.get(&half).copied().unwrap_or(0);
+            let first = view.store_timestamp_ms.saturating_add(immunity_ms(
+                &transactions.settings,
+                view.properties.get(property::CHECK_IMMUNITY_MS),
+            ));
+            let next_check_ms = if checks == 0 {
+                first
+            } else {
+                first.max(now_ms)
+            };
+            state.add_pending(
+                half,
+                Pending {
+                    log_pos: entry.log_pos,
+                    topic: topic.to_owned(),
+                    producer: view
+                        .properties
+                        .get(property::TRANSACTION_PRODUCER)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    checks,
+                    next_check_ms,
+                    last_asked: None,
+                },
+            );
+            recovered += 1;
+        }
+        for half in torn {
+            transactions
+                .journal(&Op::Commit { half })
+                .map_err(|e| BrokerError::Corrupt {
+                    path: transactions.store.dir().join("commitlog"),
+                    reason: e.message,
+                })?;
+        }
+        drop(state);
+        tracing::info!(pending = recovered, "transactions recovered");
+        Ok(transactions)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Properties for a half message of `topic` sent by `producer`; the send path appends
+    /// the record to [`HALF_TOPIC`] and then calls [`Transactions::prepared`].
+    pub fn half_properties(
+        message: &Properties,
+        topic: &str,
+        queue_id: u32,
+        producer: &str,
+        recovery_ms: Option<u64>,
+    ) -> ApiResult<Properties> {
+        let mut properties = message.clone();
+        properties
+            .push(property::REAL_TOPIC, topic)
+            .and_then(|()| properties.push(property::REAL_QUEUE_ID, &queue_id.to_string()))
+            .and_then(|()| properties.push(property::TRANSACTION_PRODUCER, producer))
+            .and_then(|()| match recovery_ms {
+                Some(ms) => properties.push(property::CHECK_IMMUNITY_MS, &ms.to_string()),
+                None => Ok(()),
+            })
+            .map_err(|e| ApiError::new(Code::MessagePropertiesTooLarge, e.to_string()))?;
+        Ok(properties)
+    }
+
+    /// Registers a half message just appended at `half`; returns its transaction id.
+    pub fn prepared(
+        &self,
+        half: u64,
+        log_pos: LogPos,
+        topic: &str,
+        producer: &str,
+        store_timestamp_ms: i64,
+        recovery_ms: Option<u64>,
+    ) -> String {
+        let immunity = recovery_ms.unwrap_or(self.settings.check_immunity_ms);
+        let mut state = self.lock();
+        state.add_pending(
+            half,
+            Pending {
+                log_pos,
+                topic: topic.to_owned(),
+                producer: producer.to_owned(),
+                checks: 0,
+                next_check_ms: store_timestamp_ms
+                    .saturating_add(i64::try_from(immunity).unwrap_or(i64::MAX)),
+                last_asked: None,
+            },
+        );
+        transaction_id(half)
+    }
+
+    /// Applies a producer's decision. Returns the log position that must be durable
+    /// before the producer hears OK.
+    pub fn end(
+        &self,
+        topic: &str,
+        message_id: &str,
+        transaction_id: &str,
+        resolution: TransactionResolution,
+    ) -> ApiResult<LogPos> {
+        let invalid = |reason: String| ApiError::new(Code::InvalidTransactionId, reason);
+        if transaction_id.trim().is_empty() {
+            return Err(invalid("transaction_id is empty".into()));
+        }
+        let half = parse_transaction_id(transaction_id).ok_or_else(|| {
+            invalid(format!(
+                "transaction_id {transaction_id:?} is not one this broker gave out"
+            ))
+        })?;
+        let mut state = self.lock();
+        let unknown = || {
+            invalid(format!(
+                "transaction_id {transaction_id:?} names no half message on this broker"
+            ))
+        };
+        let decision = state.decision(half).ok_or_else(unknown)?;
+        let record = match state.pending.get(&half) {
+            Some(pending) => self.store.read(pending.log_pos).ok(),
+            None => self.half_record(half),
+        }
+        .ok_or_else(unknown)?;
+        let view = record.view();
+        let real_topic = view
+            .properties
+            .get(property::REAL_TOPIC)
+            .unwrap_or_default();
+        let half_id = view.properties.get(keys::MESSAGE_ID).unwrap_or_default();
+        if !message_id.is_empty() && message_id != half_id {
+            return Err(invalid(format!(
+                "message_id {message_id:?} is not the message of transaction_id {transaction_id:?}"
+            )));
+        }
+        if !topic.is_empty() && topic != real_topic {
+            return Err(invalid(format!(
+                "topic {topic:?} is not the topic of transaction_id {transaction_id:?} ({real_topic:?})"
+            )));
+        }
+        let wanted = match resolution {
+            TransactionResolution::Commit => Decision::Committed,
+            TransactionResolution::Rollback => Decision::RolledBack,
+            // "Unknown": keep the half message and keep checking.
+            TransactionResolution::Unspecified => return Ok(LogPos(0)),
+        };
+        if decision == wanted {
+            // Decided before, perhaps by a request still waiting for its flush.
+            return Ok(self.store.log().written_pos());
+        }
+        if decision != Decision::Pending {
+            return Err(ApiError::new(
+                Code::PreconditionFailed,
+                format!(
+                    "transaction {transaction_id} was already {}; the first decision stands",
+                    decision.describe()
+                ),
+            ));
+        }
+        let end = if wanted == Decision::Committed {
+            let op = encode(&Op::Commit { half })?;
+            let properties = strip_half_properties(&view.properties.to_owned())?;
+            let queue_id = view
+                .properties
+                .get(property::REAL_QUEUE_ID)
+                .and_then(|q| q.parse().ok())
+                .unwrap_or(0);
+            let records = [
+                NewRecord {
+                    topic: real_topic,
+                    queue_id,
+                    message_type: MessageType::TransactionCommit,
+                    born_timestamp_ms: view.born_timestamp_ms,
+                    born_host: view.born_host,
+                    properties: properties.as_ref(),
+                    body: view.body,
+                    term_index: TermIndex::default(),
+                },
+                decision_record(&op),
+            ];
+            let mut appended = Vec::with_capacity(2);
+            self.store.append_batch(&records, &mut appended)?;
+            self.metrics.add(&self.metrics.transactions_committed, 1);
+            appended.last().map_or(LogPos(0), |a| a.end())
+        } else {
+            self.metrics.add(&self.metrics.transactions_rolled_back, 1);
+            self.journal(&Op::Rollback { half })?
+        };
+        state.set(half, wanted);
+        tracing::debug!(
+            transaction_id,
+            decision = wanted.describe(),
+            "transaction ended"
+        );
+        Ok(end)
+    }
+
+    /// The check-backs due at `now_ms`, each to a live producer (`is_live`) of the topic,
+    /// another one than last time when there is one. Transactions checked `max_checks`
+    /// times are discarded instead.
+    pub fn due_checks(
+        &self,
+        now_ms: i64,
+        is_live: &dyn Fn(&str) -> bool,
+    ) -> ApiResult<Vec<CheckBack>> {
+        let mut state = self.lock();
+        let due: Vec<u64> = state
+            .schedule
+            .iter()
+            .take_while(|(at, _)| *at <= now_ms)
+            .map(|(_, half)| *half)
+            .take(1024)
+            .collect();
+        let interval = i64::try_from(self.settings.check_interval_ms).unwrap_or(i64::MAX);
+        let mut checks = Vec::new();
+        for half in due {
+            let record = state
+                .pending
+                .get(&half)
+                .and_then(|p| self.store.read(p.log_pos).ok());
+            let Some(record) = record else {
+                // Deleted by retention: nothing left to decide.
+                tracing::warn!(half, "half message deleted by retention before a decision");
+                self.journal(&Op::Discard { half })?;
+                state.set(half, Decision::Discarded);
+                continue;
+            };
+            let Some(pending) = state.pending.get(&half) else {
+                continue;
+            };
+            if pending.checks >= self.settings.max_checks {
+                self.discard(&record, pending.checks)?;
+                self.journal(&Op::Discard { half })?;
+                state.set(half, Decision::Discarded);
+                continue;
+            }
+            // Every producer seen publishing to the topic, oldest first, that is connected.
+            let mut candidates: Vec<&String> = state
+                .producers
+                .get(&pending.topic)
+                .into_iter()
+                .flatten()
+                .collect();
+            if !candidates.contains(&&pending.producer) {
+                candidates.push(&pending.producer);
+            }
+            candidates.retain(|c| is_live(c));
+            let next = pending
+                .last_asked
+                .as_ref()
+                .and_then(|last| candidates.iter().position(|c| *c == last))
+                .map_or(0, |i| (i + 1) % candidates.len().max(1));
+            let client = candidates.get(next).map(|c| (*c).clone());
+            let count = pending.checks + 1;
+            self.journal(&Op::Checked {
+                half,
+                checks: count,
+            })?;
+            if let Some(p) = state.pending.get_mut(&half) {
+                p.checks = count;
+                p.last_asked.clone_from(&client);
+            }
+            state.reschedule(half, now_ms.saturating_add(interval));
+            match client {
+                Some(client) => checks.push(CheckBack {
+                    half: record,
+                    transaction_id: transaction_id(half),
+                    client,
+                }),
+                None => tracing::info!(half, "no live producer to check a transaction with"),
+            }
+        }
+        Ok(checks)
+    }
+
+    /// Up to `max` discarded transactions, of `topic` only unless it is empty.
+    pub fn discarded(&self, topic: &str, max: usize) -> Vec<Discarded> {
+        let Some(queue) = self.store.consume_queue(DISCARDED_TOPIC, 0) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for offset in queue.min_offset().0..queue.max_offset().0 {
+            if found.len() >= max {
+                break;
+            }
+            let Some(record) = queue
+                .get(QueueOffset(offset))
+                .and_then(|e| self.store.read(e.log_pos).ok())
+            else {
+                continue;
+            };
+            let view = record.view();
+            if !topic.is_empty() && view.properties.get(property::REAL_TOPIC) != Some(topic) {
+                continue;
+            }
+            let number = |key| view.properties.get(key).and_then(|v| v.parse::<u64>().ok());
+            let checks = number(property::TRANSACTION_CHECKS)
+                .and_then(|c| u32::try_from(c).ok())
+                .unwrap_or(0);
+            let transaction_id = number(HALF_OFFSET).map(transaction_id).unwrap_or_default();
+            found.push(Discarded {
+                record,
+                transaction_id,
+                checks,
+            });
+        }
+        found
+    }
+
+    /// How many transactions wait for a decision.
+    pub fn pending(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    pub fn decision(&self, transaction_id: &str) -> Option<Decision> {
+        let half = parse_transaction_id(transaction_id)?;
+        self.lock().decision(half)
+    }
+
+    /// A decided transaction's half message, from its consume queue.
+    fn half_record(&self, half: u64) -> Option<StoredRecord> {
+        let find = || {
+            let entry = self
+                .store
+                .consume_queue(HALF_TOPIC, 0)?
+                .get(QueueOffset(half))?;
+            self.store.read(entry.log_pos).ok()
+        };
+        find().or_else(|| {
+            // Decided moments after it was stored: dispatch may not have reached it yet.
+            let written = self.store.log().written_pos();
+            self.store
+                .wait_dispatched(written, std::time::Duration::from_secs(1));
+            find()
+        })
+    }
+
+    fn discard(&self, record: &StoredRecord, checks: u32) -> ApiResult<()> {
+        let view = record.view();
+        let mut properties = view.properties.to_owned();
+        properties
+            .push(property::TRANSACTION_CHECKS, &checks.to_string())
+            .and_then(|()| properties.push(HALF_OFFSET, &view.queue_offset.0.to_string()))
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.store.append(&NewRecord {
+            topic: DISCARDED_TOPIC,
+            queue_id: 0,
+            message_type: MessageType::TransactionHalf,
+            born_timestamp_ms: view.born_timestamp_ms,
+            born_host: view.born_host,
+            properties: properties.as_ref(),
+            body: view.body,
+            term_index: TermIndex::default(),
+        })?;
+        self.metrics.add(&self.metrics.transactions_discarded, 1);
+        tracing::warn!(
+            message_id = view.properties.get(keys::MESSAGE_ID).unwrap_or_default(),
+            topic = view
+                .properties
+                .get(property::REAL_TOPIC)
+                .unwrap_or_default(),
+            checks,
+            "transaction discarded: no decision after the maximum number of checks"
+        );
+        Ok(())
+    }
+
+    fn journal(&self, op: &Op) -> ApiResult<LogPos> {
+        let body = encode(op)?;
+        Ok(self.store.append(&decision_record(&body))?.end())
+    }
+}
+
+/// Names the half message a discarded copy came from.
+const HALF_OFFSET: &str = "__TXN_HALF_OFFSET";
+
+fn immunity_ms(settings: &TransactionSettings, property: Option<&str>) -> i64 {
+    let ms = property
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(settings.check_immunity_ms);
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+fn encode(op: &Op) -> ApiResult<Vec<u8>> {
+    serde_json::to_vec(op).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn decision_record(body: &[u8]) -> NewRecord<'_> {
+    NewRecord {
+        topic: DECISION_TOPIC,
+        queue_id: 0,
+        message_type: MessageType::System,
+        born_timestamp_ms: 0,
+        born_host: no_host(),
+        properties: NO_PROPERTIES.as_ref(),
+        body,
+        term_index: TermIndex::default(),
+    }
+}
+
+fn strip_half_properties(properties: &Properties) -> ApiResult<Properties> {
+    let mut kept = Properties::new();
+    for (key, value) in properties.as_ref().iter() {
+        if !HALF_ONLY.contains(&key) {
+            kept.push(key, value)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
+    }
+    Ok(kept)
+}
