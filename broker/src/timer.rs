@@ -57,10 +57,14 @@ struct Checkpoint {
     done_through: u64,
 }
 
+/// A done record: its offset in [`TIMER_DONE_TOPIC`], the `(deliver_at_ms, timer offset)`
+/// entries it finished, and where it ends in the log.
+type DoneRecord = (u64, Vec<(i64, u64)>, LogPos);
+
 struct State {
     checkpoint: Checkpoint,
     /// Done records whose markers are not yet written, with the log end of their record.
-    unmirrored: Vec<(u64, Vec<(i64, u64)>, LogPos)>,
+    unmirrored: Vec<DoneRecord>,
     /// Every slot starting before this is in memory.
     loaded_until: i64,
     /// Pending entries of the slots in memory: `(deliver_at_ms, timer offset)`.
@@ -520,11 +524,19 @@ impl Timers {
                 "recall_handle {handle:?} is not a handle this broker gave out for topic {topic:?}"
             ))
         })?;
-        let record = self
-            .store
-            .consume_queue(TIMER_TOPIC, 0)
-            .and_then(|q| q.get(QueueOffset(offset)))
-            .and_then(|e| self.store.read(e.log_pos).ok())
+        let find = || {
+            self.store
+                .consume_queue(TIMER_TOPIC, 0)
+                .and_then(|q| q.get(QueueOffset(offset)))
+                .and_then(|e| self.store.read(e.log_pos).ok())
+        };
+        let record = find()
+            .or_else(|| {
+                // Recalled moments after it was stored: dispatch may not have reached it.
+                let written = self.store.log().written_pos();
+                self.store.wait_dispatched(written, Duration::from_secs(1));
+                find()
+            })
             .filter(|r| deliver_at_of(r) == Some(deliver_at))
             .ok_or_else(|| {
                 ApiError::new(

@@ -18,7 +18,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{consumer, create_group, ids, producer, receive_n, tag};
+use common::{
+    consumer, create_group, create_topic, ids, producer, receive_n, resource, tag, with_client_id,
+};
+use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
+use ferrumq_protocol::v2::{
+    Code, EndTransactionRequest, Message, MessageType, SendMessageRequest, Settings,
+    SystemProperties, TelemetryCommand, TransactionResolution, TransactionSource,
+    telemetry_command,
+};
 use rocketmq::model::message::MessageBuilder;
 
 struct BrokerProcess {
@@ -30,7 +38,9 @@ fn spawn_broker(dir: &Path) -> BrokerProcess {
     let config = dir.join("broker.toml");
     std::fs::write(
         &config,
-        "segment_size_bytes = 8388608\n[limits]\nmin_invisible_ms = 1000\n",
+        "segment_size_bytes = 8388608\n[limits]\nmin_invisible_ms = 1000\n\
+         [transactions]\ncheck_immunity_ms = 1000\ncheck_interval_ms = 1000\n\
+         [timers]\nslot_ms = 1000\nmemory_window_ms = 2000\n",
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferrumq-broker"))
@@ -179,4 +189,233 @@ async fn sigkill_loses_no_acked_message_and_keeps_offsets_and_leases() {
     let _ = consumer_b.shutdown().await;
     second.child.kill().unwrap();
     second.child.wait().unwrap();
+}
+
+const PRODUCER: &str = "crash-producer";
+
+fn special(topic: &str, body: &str, kind: MessageType, deliver_at_ms: Option<i64>) -> Message {
+    Message {
+        topic: resource(topic),
+        user_properties: std::collections::HashMap::new(),
+        system_properties: Some(SystemProperties {
+            message_id: body.to_owned(),
+            message_type: kind as i32,
+            delivery_timestamp: deliver_at_ms.map(ferrumq_broker::message::timestamp),
+            ..SystemProperties::default()
+        }),
+        body: bytes::Bytes::from(body.to_owned()),
+    }
+}
+
+fn end_request(id: &str, txn: &str, resolution: TransactionResolution) -> EndTransactionRequest {
+    EndTransactionRequest {
+        topic: resource("txn"),
+        message_id: id.to_owned(),
+        transaction_id: txn.to_owned(),
+        resolution: resolution as i32,
+        source: TransactionSource::SourceServerCheck as i32,
+        trace_context: String::new(),
+    }
+}
+
+/// The producer after the restart: it answers check-backs on its Telemetry stream,
+/// COMMIT for bodies starting with "commit", ROLLBACK for the rest.
+async fn answer_check_backs(grpc: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let mut client = MessagingServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(TelemetryCommand {
+        status: None,
+        command: Some(telemetry_command::Command::Settings(Settings {
+            client_type: Some(ferrumq_protocol::v2::ClientType::Producer as i32),
+            pub_sub: Some(ferrumq_protocol::v2::settings::PubSub::Publishing(
+                ferrumq_protocol::v2::Publishing::default(),
+            )),
+            ..Settings::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client
+        .telemetry(with_client_id(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            PRODUCER,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        let _keep_open = tx;
+        while let Ok(Some(command)) = inbound.message().await {
+            let Some(telemetry_command::Command::RecoverOrphanedTransactionCommand(check)) =
+                command.command
+            else {
+                continue;
+            };
+            let message = check.message.unwrap();
+            let id = message.system_properties.unwrap().message_id;
+            let resolution = if id.starts_with("commit") {
+                TransactionResolution::Commit
+            } else {
+                TransactionResolution::Rollback
+            };
+            let reply = client
+                .end_transaction(with_client_id(
+                    end_request(&id, &check.transaction_id, resolution),
+                    PRODUCER,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(reply.status.unwrap().code, Code::Ok as i32);
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_keeps_pending_transactions_checked_and_timers_due_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = spawn_broker(dir.path());
+    create_topic(first.grpc, "txn", 2, &["TRANSACTION"]).await;
+    create_topic(first.grpc, "later", 2, &["DELAY"]).await;
+    create_group(first.grpc, "g", 17).await;
+    let mut raw = MessagingServiceClient::connect(format!("http://{}", first.grpc))
+        .await
+        .unwrap();
+    let mut send = async |message: Message| {
+        let reply = raw
+            .send_message(with_client_id(
+                SendMessageRequest {
+                    messages: vec![message],
+                },
+                PRODUCER,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status.unwrap().code, Code::Ok as i32);
+        reply.entries[0].transaction_id.clone()
+    };
+    // Ten decided before the kill, ten left for the checks after it.
+    let mut decided = Vec::new();
+    for i in 0..10 {
+        let body = if i % 2 == 0 {
+            format!("commit-early-{i}")
+        } else {
+            format!("rollback-early-{i}")
+        };
+        let txn = send(special("txn", &body, MessageType::Transaction, None)).await;
+        decided.push((body, txn));
+    }
+    for i in 0..10 {
+        let body = if i % 2 == 0 {
+            format!("commit-late-{i}")
+        } else {
+            format!("rollback-late-{i}")
+        };
+        send(special("txn", &body, MessageType::Transaction, None)).await;
+    }
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut due = std::collections::HashMap::new();
+    for i in 0..60 {
+        let at = start + 500 + i * 71;
+        due.insert(format!("timer-{i}"), at);
+        send(special(
+            "later",
+            &format!("timer-{i}"),
+            MessageType::Delay,
+            Some(at),
+        ))
+        .await;
+    }
+    for (body, txn) in &decided {
+        let resolution = if body.starts_with("commit") {
+            TransactionResolution::Commit
+        } else {
+            TransactionResolution::Rollback
+        };
+        let reply = raw
+            .end_transaction(with_client_id(end_request(body, txn, resolution), PRODUCER))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status.unwrap().code, Code::Ok as i32);
+    }
+    // Some timers are due and delivering right now; most are still waiting.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let mut second = spawn_broker(dir.path());
+    let checks = answer_check_backs(second.grpc).await;
+    let consumer = consumer(second.grpc, "g", "txn").await;
+    let committed = receive_n(
+        &consumer,
+        "txn",
+        &tag("*"),
+        11,
+        Duration::from_secs(30),
+        true,
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut bodies: Vec<String> = committed
+        .iter()
+        .map(|m| String::from_utf8(m.body().to_vec()).unwrap())
+        .collect();
+    bodies.sort();
+    let mut expected: Vec<String> = (0..10)
+        .step_by(2)
+        .flat_map(|i| [format!("commit-early-{i}"), format!("commit-late-{i}")])
+        .collect();
+    expected.sort();
+    assert_eq!(
+        bodies, expected,
+        "each committed transaction once, no rollback"
+    );
+    // Decisions made before the kill still stand.
+    let mut raw = MessagingServiceClient::connect(format!("http://{}", second.grpc))
+        .await
+        .unwrap();
+    let (body, txn) = &decided[0];
+    let flip = raw
+        .end_transaction(with_client_id(
+            end_request(body, txn, TransactionResolution::Rollback),
+            PRODUCER,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(flip.status.unwrap().code, Code::PreconditionFailed as i32);
+
+    let timers = consumer_for(second.grpc, "later").await;
+    let delivered = receive_n(
+        &timers,
+        "later",
+        &tag("*"),
+        61,
+        Duration::from_secs(30),
+        true,
+        Duration::from_secs(8),
+    )
+    .await;
+    let got = ids(&delivered);
+    assert_eq!(delivered.len(), 60, "each scheduled message exactly once");
+    assert_eq!(got.len(), 60);
+    for message in &delivered {
+        assert!(due.contains_key(message.message_id()));
+    }
+    checks.abort();
+    let _ = consumer.shutdown().await;
+    let _ = timers.shutdown().await;
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+}
+
+async fn consumer_for(grpc: SocketAddr, topic: &str) -> rocketmq::SimpleConsumer {
+    consumer(grpc, "g", topic).await
 }
