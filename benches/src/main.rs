@@ -12,6 +12,7 @@ mod network;
 mod null_server;
 mod recovery;
 mod report;
+mod special;
 mod storage;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,12 @@ enum Command {
     Consume(network::NetArgs),
     /// Latency from send to a waiting receiver at a fixed rate.
     E2e(network::NetArgs),
+    /// Send a TRANSACTION message and commit it, C at a time.
+    Txn(special::SpecialArgs),
+    /// Schedule N messages over the next `--spread-ms` and measure how late they arrive.
+    Delay(special::SpecialArgs),
+    /// Per-message-group order and throughput over a FIFO topic.
+    Fifo(special::SpecialArgs),
     /// A MessagingService that stores nothing: the ceiling for `produce`.
     NullServer(null_server::NullServerArgs),
 }
@@ -59,6 +66,9 @@ fn main() -> anyhow::Result<()> {
         Command::Produce(args) => network::produce(&args),
         Command::Consume(args) => network::consume(&args),
         Command::E2e(args) => network::e2e(&args),
+        Command::Txn(args) => special::txn(&args),
+        Command::Delay(args) => special::delay(&args),
+        Command::Fifo(args) => special::fifo(&args),
         Command::NullServer(args) => null_server::run(&args),
     }
 }

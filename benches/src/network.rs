@@ -41,40 +41,40 @@ pub(crate) enum ClientKind {
 pub(crate) struct NetArgs {
     /// The broker's gRPC address.
     #[arg(long, default_value = "127.0.0.1:8081")]
-    endpoint: String,
+    pub(crate) endpoint: String,
     #[arg(long, default_value = "bench")]
-    topic: String,
+    pub(crate) topic: String,
     #[arg(long, default_value = "bench-group")]
-    group: String,
+    pub(crate) group: String,
     /// Body size in bytes.
     #[arg(long, default_value_t = 1024)]
-    size: usize,
+    pub(crate) size: usize,
     /// Messages in all.
     #[arg(long, default_value_t = 100_000)]
-    count: u64,
+    pub(crate) count: u64,
     /// Requests in flight.
     #[arg(long, default_value_t = 64)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Messages per send request, or per receive.
     #[arg(long, default_value_t = 1)]
-    batch: usize,
+    pub(crate) batch: usize,
     #[arg(long, value_enum, default_value_t = ClientKind::Raw)]
-    client: ClientKind,
+    pub(crate) client: ClientKind,
     /// e2e only: messages per second the producer sends.
     #[arg(long, default_value_t = 2000)]
-    rate: u64,
+    pub(crate) rate: u64,
     #[arg(long, value_enum, default_value_t = Format::Text)]
-    format: Format,
+    pub(crate) format: Format,
 }
 
-fn resource(name: &str) -> Option<Resource> {
+pub(crate) fn resource(name: &str) -> Option<Resource> {
     Some(Resource {
         resource_namespace: String::new(),
         name: name.to_owned(),
     })
 }
 
-fn request<T>(body: T) -> tonic::Request<T> {
+pub(crate) fn request<T>(body: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(body);
     request.metadata_mut().insert(
         "x-mq-client-id",
@@ -84,7 +84,7 @@ fn request<T>(body: T) -> tonic::Request<T> {
 }
 
 /// Message ids in the 34-hex-character shape the official clients use.
-fn message_id(counter: u64) -> String {
+pub(crate) fn message_id(counter: u64) -> String {
     format!("01{:08X}{:024X}", std::process::id(), counter)
 }
 
@@ -101,7 +101,7 @@ fn message(topic: &str, body: bytes::Bytes, counter: u64) -> Message {
     }
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<MessagingServiceClient<Channel>> {
+pub(crate) async fn connect(endpoint: &str) -> anyhow::Result<MessagingServiceClient<Channel>> {
     let channel = Channel::from_shared(format!("http://{endpoint}"))?
         .tcp_nodelay(true)
         .connect()
@@ -112,7 +112,7 @@ async fn connect(endpoint: &str) -> anyhow::Result<MessagingServiceClient<Channe
         .max_encoding_message_size(256 << 20))
 }
 
-fn latency_fields(report: &mut Report, histogram: &Histogram<u64>) {
+pub(crate) fn latency_fields(report: &mut Report, histogram: &Histogram<u64>) {
     report
         .add("latency_p50_us", histogram.value_at_quantile(0.50))
         .add("latency_p99_us", histogram.value_at_quantile(0.99))
@@ -120,7 +120,7 @@ fn latency_fields(report: &mut Report, histogram: &Histogram<u64>) {
         .add("latency_max_us", histogram.max());
 }
 
-fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+pub(crate) fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
 }
 
@@ -150,14 +150,14 @@ pub(crate) fn produce(args: &NetArgs) -> anyhow::Result<()> {
     })
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
 }
 
 /// Runs `concurrency` copies of `task` at once; each returns the latencies it saw.
-async fn run_tasks<F, Fut>(
+pub(crate) async fn run_tasks<F, Fut>(
     concurrency: usize,
     task: F,
 ) -> anyhow::Result<(Duration, Histogram<u64>)>
@@ -174,7 +174,7 @@ where
     Ok((start.elapsed(), histogram))
 }
 
-fn micros_since(start: Instant) -> u64 {
+pub(crate) fn micros_since(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
@@ -279,7 +279,7 @@ async fn prepare(endpoint: &str, topic: &str, group: &str) -> anyhow::Result<()>
 }
 
 /// One receive of up to `batch` messages; returns them.
-async fn receive(
+pub(crate) async fn receive(
     client: &mut MessagingServiceClient<Channel>,
     args: &NetArgs,
     long_poll: Duration,
@@ -323,7 +323,7 @@ async fn receive(
     Ok(messages)
 }
 
-async fn ack(
+pub(crate) async fn ack(
     client: &mut MessagingServiceClient<Channel>,
     args: &NetArgs,
     messages: &[Message],
