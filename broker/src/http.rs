@@ -32,6 +32,16 @@ async fn metrics(State(broker): State<Arc<Broker>>) -> String {
     let flush = log.flush_stats();
     broker.metrics.render(&[
         (
+            "rocketmq_half_messages",
+            "Transactions waiting for a decision.",
+            broker.transactions.pending() as u64,
+        ),
+        (
+            "ferrumq_timer_messages_in_memory",
+            "Scheduled messages due within the memory window.",
+            broker.timers.in_memory() as u64,
+        ),
+        (
             "ferrumq_commit_log_written_bytes",
             "Commit-log write position.",
             log.written_pos().0,

@@ -7,7 +7,9 @@ use ferrumq_protocol::v2::{
     self, Code, DeadLetterQueue, Digest, DigestType, Encoding, MessageType, Resource,
     SystemProperties,
 };
-use ferrumq_storage::{MessageType as StoredType, Properties, RecordView, keys};
+use ferrumq_storage::{
+    MessageType as StoredType, NewRecord, Properties, RecordView, TermIndex, keys,
+};
 use md5::{Digest as _, Md5};
 
 use crate::config::Limits;
@@ -385,6 +387,23 @@ fn kind_of(
             Ok(Kind::Transaction { recovery_ms })
         }
         _ => Ok(Kind::Normal),
+    }
+}
+
+static NO_PROPERTIES: Properties = Properties::new();
+
+/// A record of the broker's own bookkeeping (journals, done and cancel records): queue 0 of
+/// an internal topic, no properties.
+pub fn system_record<'a>(topic: &'a str, body: &'a [u8]) -> NewRecord<'a> {
+    NewRecord {
+        topic,
+        queue_id: 0,
+        message_type: StoredType::System,
+        born_timestamp_ms: 0,
+        born_host: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        properties: NO_PROPERTIES.as_ref(),
+        body,
+        term_index: TermIndex::default(),
     }
 }
 

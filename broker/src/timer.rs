@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::TimerSettings;
 use crate::error::{ApiError, ApiResult, BrokerError};
 use crate::files;
-use crate::message::property;
+use crate::message::{property, system_record};
 use crate::metadata::Metadata;
 use crate::metrics::Metrics;
 
@@ -47,7 +46,6 @@ const FINISHED: u64 = 1 << 63;
 const BATCH: usize = 1024;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const MAX_OPEN_SLOTS: usize = 256;
-static NO_PROPERTIES: Properties = Properties::new();
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Checkpoint {
@@ -112,10 +110,6 @@ fn parse_recall_handle(topic: &str, handle: &str) -> Option<(u64, i64)> {
     let crc = u32::from_str_radix(parts.next()?, 16).ok()?;
     (parts.next().is_none() && crc == handle_crc(topic, offset, deliver_at))
         .then_some((offset, deliver_at))
-}
-
-fn no_host() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
 fn io_error(path: &std::path::Path, e: std::io::Error) -> ApiError {
@@ -414,14 +408,12 @@ impl Timers {
         if due.is_empty() {
             return Ok(0);
         }
-        let queue = self.store.consume_queue(TIMER_TOPIC, 0);
         let mut sources: Vec<(StoredRecord, u32, Properties)> = Vec::with_capacity(due.len());
         let mut taken = Vec::with_capacity(due.len());
         for &(at, offset) in &due {
-            let record = queue
-                .as_ref()
-                .and_then(|q| q.get(QueueOffset(offset)))
-                .and_then(|e| self.store.read(e.log_pos).ok());
+            let record =
+                self.store
+                    .read_queued(TIMER_TOPIC, 0, QueueOffset(offset), Duration::ZERO);
             let Some(record) = record.filter(|r| deliver_at(r) == Some(at)) else {
                 // Deleted by retention, or an entry left by a record a machine crash
                 // took back: nothing to deliver.
@@ -524,19 +516,10 @@ impl Timers {
                 "recall_handle {handle:?} is not a handle this broker gave out for topic {topic:?}"
             ))
         })?;
-        let find = || {
-            self.store
-                .consume_queue(TIMER_TOPIC, 0)
-                .and_then(|q| q.get(QueueOffset(offset)))
-                .and_then(|e| self.store.read(e.log_pos).ok())
-        };
-        let record = find()
-            .or_else(|| {
-                // Recalled moments after it was stored: dispatch may not have reached it.
-                let written = self.store.log().written_pos();
-                self.store.wait_dispatched(written, Duration::from_secs(1));
-                find()
-            })
+        // Recalled moments after it was stored, dispatch may still be on its way.
+        let record = self
+            .store
+            .read_queued(TIMER_TOPIC, 0, QueueOffset(offset), Duration::from_secs(1))
             .filter(|r| deliver_at_of(r) == Some(deliver_at))
             .ok_or_else(|| {
                 ApiError::new(
@@ -658,19 +641,6 @@ fn parse_done(body: &[u8]) -> Vec<(i64, u64)> {
             )
         })
         .collect()
-}
-
-fn system_record<'a>(topic: &'a str, body: &'a [u8]) -> NewRecord<'a> {
-    NewRecord {
-        topic,
-        queue_id: 0,
-        message_type: MessageType::System,
-        born_timestamp_ms: 0,
-        born_host: no_host(),
-        properties: NO_PROPERTIES.as_ref(),
-        body,
-        term_index: TermIndex::default(),
-    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@
 //! for a person to look at.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ferrumq_protocol::v2::{Code, TransactionResolution};
@@ -172,12 +171,6 @@ fn parse_transaction_id(id: &str) -> Option<u64> {
     let hex = id.strip_prefix('T').filter(|h| h.len() == 16)?;
     u64::from_str_radix(hex, 16).ok()
 }
-
-fn no_host() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
-}
-
-static NO_PROPERTIES: Properties = Properties::new();
 
 impl Transactions {
     /// Rebuilds the pending transactions from the half messages and the decision journal.
@@ -565,11 +558,6 @@ impl Transactions {
         self.lock().pending.len()
     }
 
-    pub fn decision(&self, transaction_id: &str) -> Option<Decision> {
-        let half = parse_transaction_id(transaction_id)?;
-        self.lock().decision(half)
-    }
-
     /// A decided transaction's half message, from its consume queue.
     fn half_record(&self, half: u64) -> Option<StoredRecord> {
         let find = || {
@@ -639,16 +627,7 @@ fn encode(op: &Op) -> ApiResult<Vec<u8>> {
 }
 
 fn decision_record(body: &[u8]) -> NewRecord<'_> {
-    NewRecord {
-        topic: DECISION_TOPIC,
-        queue_id: 0,
-        message_type: MessageType::System,
-        born_timestamp_ms: 0,
-        born_host: no_host(),
-        properties: NO_PROPERTIES.as_ref(),
-        body,
-        term_index: TermIndex::default(),
-    }
+    crate::message::system_record(DECISION_TOPIC, body)
 }
 
 fn strip_half_properties(properties: &Properties) -> ApiResult<Properties> {

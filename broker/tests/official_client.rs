@@ -378,6 +378,8 @@ async fn async_flush_delivers_and_http_reports_health_and_metrics() {
         "rocketmq_messages_in_total 10",
         "rocketmq_messages_out_total 10",
         "ferrumq_messages_acked_total 10",
+        "rocketmq_half_messages 0",
+        "ferrumq_timer_messages_in_memory 0",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

@@ -20,7 +20,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fs::DiskUsage;
 use crate::message_index::{IndexKey, MessageIndex};
 use crate::options::StoreOptions;
-use crate::pos::LogPos;
+use crate::pos::{LogPos, QueueOffset};
 use crate::record::{NewRecord, keys};
 
 /// What `MessageStore::open` found and did.
@@ -233,6 +233,29 @@ impl MessageStore {
 
     pub fn consume_queue(&self, topic: &str, queue_id: u32) -> Option<Arc<ConsumeQueue>> {
         self.inner.queues.get(topic, queue_id)
+    }
+
+    /// The record at `offset` of a topic's queue. A record appended moments ago may not be
+    /// dispatched yet: with a non-zero `wait`, a miss waits up to that long for dispatch to
+    /// reach what is written now, then looks again.
+    pub fn read_queued(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: QueueOffset,
+        wait: Duration,
+    ) -> Option<StoredRecord> {
+        let find = || {
+            let entry = self.consume_queue(topic, queue_id)?.get(offset)?;
+            self.read(entry.log_pos).ok()
+        };
+        find().or_else(|| {
+            if wait.is_zero() {
+                return None;
+            }
+            self.wait_dispatched(self.inner.log.written_pos(), wait);
+            find()
+        })
     }
 
     pub fn consume_queues(&self) -> Vec<Arc<ConsumeQueue>> {

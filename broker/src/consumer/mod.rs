@@ -11,7 +11,6 @@
 pub mod receipt;
 pub mod state;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -36,7 +35,6 @@ use state::{ConsumerState, Op, QueueState};
 /// The internal topic that journals consumer-state changes.
 pub const OPS_TOPIC: &str = "%SYS%CONSUMER_STATE";
 const SNAPSHOT_FILE: &str = "consumer-state.json";
-static NO_PROPERTIES: ferrumq_storage::Properties = ferrumq_storage::Properties::new();
 /// New messages looked at per receive before giving up on a heavily filtered queue.
 const MAX_SCAN_PER_RECEIVE: u64 = 4096;
 
@@ -737,11 +735,8 @@ impl ConsumerGroups {
     }
 
     fn record_at(&self, topic: &str, queue_id: u32, offset: u64) -> Option<StoredRecord> {
-        let entry = self
-            .store
-            .consume_queue(topic, queue_id)?
-            .get(QueueOffset(offset))?;
-        self.store.read(entry.log_pos).ok()
+        self.store
+            .read_queued(topic, queue_id, QueueOffset(offset), Duration::ZERO)
     }
 
     /// Copies the message to `%DLQ%{group}` with its id and origin, then finishes it.
@@ -781,16 +776,9 @@ impl ConsumerGroups {
     /// durable before it answers.
     fn journal(&self, state: &mut ConsumerState, op: Op) -> ApiResult<LogPos> {
         let body = serde_json::to_vec(&op).map_err(|e| ApiError::internal(e.to_string()))?;
-        let appended = self.store.append(&NewRecord {
-            topic: OPS_TOPIC,
-            queue_id: 0,
-            message_type: MessageType::System,
-            born_timestamp_ms: 0,
-            born_host: SocketAddr::from(([0, 0, 0, 0], 0)),
-            properties: NO_PROPERTIES.as_ref(),
-            body: &body,
-            term_index: TermIndex::default(),
-        })?;
+        let appended = self
+            .store
+            .append(&crate::message::system_record(OPS_TOPIC, &body))?;
         state.apply(&op);
         state.last_op = Some(appended.queue_offset.0);
         self.last_op_end
