@@ -30,6 +30,9 @@ pub struct BrokerConfig {
     pub segment_size_bytes: u64,
     /// Commit-log segments older than this many hours are deleted; 0 keeps everything.
     pub retention_hours: u64,
+    /// Sends are refused (`TOO_MANY_REQUESTS`, HTTP 429) while the data disk is fuller than
+    /// this fraction, so acks and consumer state can still be written.
+    pub disk_watermark: f64,
     pub topics: TopicDefaults,
     pub groups: GroupDefaults,
     pub limits: Limits,
@@ -129,6 +132,7 @@ impl Default for BrokerConfig {
             async_flush_interval_ms: 200,
             segment_size_bytes: 1 << 30,
             retention_hours: 72,
+            disk_watermark: 0.90,
             topics: TopicDefaults::default(),
             groups: GroupDefaults::default(),
             limits: Limits::default(),
@@ -288,6 +292,9 @@ impl BrokerConfig {
                 "timers.slot_ms",
                 "must be above zero and at most timers.memory_window_ms",
             );
+        }
+        if !(0.0..=1.0).contains(&self.disk_watermark) {
+            return invalid("disk_watermark", "must be a fraction between 0.0 and 1.0");
         }
         crate::metadata::validate_name(&self.broker_name, 127)
             .or_else(|reason| invalid("broker_name", &reason))?;

@@ -40,6 +40,12 @@ impl From<ferrumq_storage::Error> for ApiError {
                 Code::TooManyRequests,
                 format!("storage refuses writes: {err}"),
             ),
+            ferrumq_storage::Error::Poisoned { .. } | ferrumq_storage::Error::Closed => {
+                ApiError::new(
+                    Code::HaNotAvailable,
+                    format!("the broker cannot store messages now: {err}"),
+                )
+            }
             other => ApiError::internal(format!("storage: {other}")),
         }
     }

@@ -5,7 +5,7 @@
 //! - [`consumer`]: consumer groups: leases, redelivery, dead letters, FIFO order, durable
 //!   state.
 //! - [`transaction`]: half messages, decisions, check-backs; [`timer`]: scheduled messages.
-//! - [`grpc`]: thin gRPC handlers; [`http`]: health and metrics.
+//! - [`grpc`]: thin gRPC handlers; [`http`]: the HTTP produce endpoint, health, metrics.
 //! - [`metadata`]: topics and groups; [`config`]: the TOML configuration.
 //!
 //! [`start`] runs a broker in-process (tests use it with port 0); the `ferrumq-broker`
@@ -76,6 +76,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         },
         retention: (config.retention_hours > 0)
             .then(|| Duration::from_secs(config.retention_hours * 3600)),
+        disk_watermark: config.disk_watermark,
         ..StoreOptions::default()
     };
     let data_dir = config.data_dir.clone();
@@ -233,7 +234,11 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     });
     let http_router = http::router(broker.clone());
     let http_server = tokio::spawn(async move {
-        let serve = axum::serve(http_listener, http_router).with_graceful_shutdown(async {
+        let serve = axum::serve(
+            http_listener,
+            http_router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
             let _ = http_stop_rx.await;
         });
         if let Err(e) = serve.await {

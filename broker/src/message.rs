@@ -140,15 +140,24 @@ impl Kind {
     }
 }
 
-/// Checks one message of a SendMessage request against the limits. `index` names it in
-/// errors (`messages[2].system_properties.tag`).
+/// Names a field of the `index`-th message of a send in the caller's terms, for errors.
+/// `name` is the field's path in `apache.rocketmq.v2.Message` (`system_properties.tag`).
+pub type FieldNames = dyn Fn(usize, &str) -> String + Send + Sync;
+
+/// Field names as gRPC callers know them: `messages[2].system_properties.tag`.
+pub fn grpc_field(index: usize, name: &str) -> String {
+    format!("messages[{index}].{name}")
+}
+
+/// Checks one message of a send against the limits. `names` names its fields in errors.
 pub fn check(
     index: usize,
+    names: &FieldNames,
     message: v2::Message,
     limits: &Limits,
     now_ms: i64,
 ) -> ApiResult<CheckedMessage> {
-    let field = |name: &str| format!("messages[{index}].{name}");
+    let field = |name: &str| names(index, name);
     let system = message.system_properties.ok_or_else(|| {
         ApiError::bad_request(format!("{} is missing", field("system_properties")))
     })?;
@@ -532,7 +541,7 @@ mod tests {
 
     #[test]
     fn a_good_message_keeps_its_id_tag_keys_and_properties() {
-        let checked = check(0, message(), &Limits::default(), NOW).unwrap();
+        let checked = check(0, &grpc_field, message(), &Limits::default(), NOW).unwrap();
         let p = checked.properties.as_ref();
         assert_eq!(p.get(keys::MESSAGE_ID), Some("01ABCDEF"));
         assert_eq!(p.get(keys::TAG), Some("tag"));
@@ -656,7 +665,7 @@ mod tests {
         for (mutate, code, field) in cases {
             let mut m = message();
             mutate(&mut m);
-            let err = check(3, m, &limits, NOW).unwrap_err();
+            let err = check(3, &grpc_field, m, &limits, NOW).unwrap_err();
             assert_eq!(err.code, code, "{}", err.message);
             assert!(
                 err.message.contains("messages[3]") && err.message.contains(field),
@@ -698,7 +707,7 @@ mod tests {
                 body: vec![1; body_len].into(),
             };
             let limits = Limits { max_body_bytes: 32, ..Limits::default() };
-            if let Ok(checked) = check(0, message, &limits, NOW) {
+            if let Ok(checked) = check(0, &grpc_field, message, &limits, NOW) {
                 proptest::prop_assert_eq!(checked.message_id, id);
             }
         }
@@ -709,7 +718,7 @@ mod tests {
         let with = |f: &dyn Fn(&mut SystemProperties)| {
             let mut m = message();
             f(m.system_properties.as_mut().unwrap());
-            check(0, m, &Limits::default(), NOW).unwrap()
+            check(0, &grpc_field, m, &Limits::default(), NOW).unwrap()
         };
         let fifo = with(&|s| {
             s.message_type = MessageType::Unspecified as i32;

@@ -19,7 +19,7 @@ use crate::config::{BrokerConfig, FlushPolicy};
 use crate::consumer::{ConsumerGroups, OPS_TOPIC};
 use crate::error::{ApiError, ApiResult};
 use crate::filter::Filter;
-use crate::message::{self, CheckedMessage, Delivery, Kind, Placement, property};
+use crate::message::{self, CheckedMessage, Delivery, FieldNames, Kind, Placement, property};
 use crate::metadata::{self, GroupConfig, Metadata, TopicConfig};
 use crate::metrics::Metrics;
 use crate::timer::{self, TIMER_TOPIC, Timers};
@@ -46,6 +46,18 @@ pub struct ReceiveRequest<'a> {
     /// When the caller stops waiting (the gRPC deadline).
     pub deadline: Option<Instant>,
     pub client_id: &'a str,
+}
+
+/// One stored message of a send.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// What the gRPC reply says: message id, queue offset, transaction id, recall handle.
+    pub result: SendResultEntry,
+    /// The queue it is in; `None` while it waits in an internal topic (a half message, or
+    /// one scheduled for later), whose offsets are not the topic's.
+    pub queue: Option<u32>,
+    /// When a DELAY message becomes visible, in ms since the epoch.
+    pub deliver_at_ms: Option<i64>,
 }
 
 pub struct Broker {
@@ -143,15 +155,17 @@ impl Broker {
         }
     }
 
-    /// Stores a SendMessage request's messages. Every message is checked before any is
-    /// stored; the reply comes once they are durable (sync flush).
+    /// Stores a send's messages, all of one topic. Every message is checked before any is
+    /// stored; the reply comes once they are durable (sync flush). `names` names the
+    /// fields of a refused message in the caller's terms.
     pub async fn send(
         &self,
         messages: Vec<v2::Message>,
+        names: &FieldNames,
         peer: SocketAddr,
         client_id: &str,
-    ) -> ApiResult<Vec<SendResultEntry>> {
-        let result = self.send_inner(messages, peer, client_id).await;
+    ) -> ApiResult<Vec<Sent>> {
+        let result = self.send_inner(messages, names, peer, client_id).await;
         if result.is_err() {
             self.metrics.add_send_error();
         }
@@ -161,9 +175,10 @@ impl Broker {
     async fn send_inner(
         &self,
         messages: Vec<v2::Message>,
+        names: &FieldNames,
         peer: SocketAddr,
         client_id: &str,
-    ) -> ApiResult<Vec<SendResultEntry>> {
+    ) -> ApiResult<Vec<Sent>> {
         let limits = &self.config.limits;
         if messages.is_empty() {
             return Err(ApiError::bad_request("messages is empty"));
@@ -187,7 +202,9 @@ impl Broker {
             return Err(ApiError::new(
                 Code::MessageCorrupted,
                 format!(
-                    "messages[{i}].topic differs from messages[0].topic; a batch has one topic"
+                    "{} differs from {}; a batch has one topic",
+                    names(i, "topic"),
+                    names(0, "topic")
                 ),
             ));
         }
@@ -196,7 +213,8 @@ impl Broker {
             return Err(ApiError::new(
                 Code::IllegalTopic,
                 format!(
-                    "messages[0].topic {topic_name:?} is a system topic; producers cannot send to it"
+                    "{} {topic_name:?} is a system topic; producers cannot send to it",
+                    names(0, "topic")
                 ),
             ));
         }
@@ -205,7 +223,7 @@ impl Broker {
         let mut checked = messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| message::check(i, m, limits, now))
+            .map(|(i, m)| message::check(i, names, m, limits, now))
             .collect::<ApiResult<Vec<_>>>()?;
         for (i, message) in checked.iter_mut().enumerate() {
             let wire_type = message.kind.wire_type();
@@ -213,7 +231,8 @@ impl Broker {
                 return Err(ApiError::new(
                     Code::MessagePropertyConflictWithType,
                     format!(
-                        "messages[{i}].system_properties.message_type is {}; topic {topic_name:?} accepts {}",
+                        "{} is {}; topic {topic_name:?} accepts {}",
+                        names(i, "system_properties.message_type"),
                         wire_type.as_str_name(),
                         topic.accept_message_types.join(", ")
                     ),
@@ -239,12 +258,12 @@ impl Broker {
         self.store.append_batch(&records, &mut appended)?;
         let last_end = appended.last().map(|a| a.end());
         let bytes: u64 = checked.iter().map(|m| m.body.len() as u64).sum();
-        let entries: Vec<SendResultEntry> = checked
+        let sent: Vec<Sent> = checked
             .iter()
             .zip(&appended)
             .map(|(message, appended)| {
                 let offset = appended.queue_offset.0;
-                let mut entry = SendResultEntry {
+                let mut result = SendResultEntry {
                     status: Some(Status::ok()),
                     message_id: message.message_id.clone(),
                     transaction_id: String::new(),
@@ -253,7 +272,7 @@ impl Broker {
                 };
                 match (&message.kind, message.placement.internal_topic) {
                     (Kind::Transaction { recovery_ms }, _) => {
-                        entry.transaction_id = self.transactions.prepared(
+                        result.transaction_id = self.transactions.prepared(
                             offset,
                             appended.pos,
                             &topic.name,
@@ -263,17 +282,29 @@ impl Broker {
                         );
                     }
                     (Kind::Delay { deliver_at_ms }, Some(TIMER_TOPIC)) => {
-                        entry.recall_handle =
+                        result.recall_handle =
                             timer::recall_handle(&topic.name, offset, *deliver_at_ms);
                     }
                     _ => {}
                 }
-                entry
+                let queue = match message.placement.internal_topic {
+                    None => Some(message.placement.queue_id),
+                    Some(_) => None,
+                };
+                let deliver_at_ms = match message.kind {
+                    Kind::Delay { deliver_at_ms } => Some(deliver_at_ms),
+                    _ => None,
+                };
+                Sent {
+                    result,
+                    queue,
+                    deliver_at_ms,
+                }
             })
             .collect();
         self.durable(last_end).await?;
-        self.metrics.add_received(entries.len() as u64, bytes);
-        Ok(entries)
+        self.metrics.add_received(sent.len() as u64, bytes);
+        Ok(sent)
     }
 
     /// Decides where a checked message is stored: its topic and queue, or the internal

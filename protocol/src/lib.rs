@@ -4,6 +4,7 @@
 //!   speak. Field numbers and types match the official clients byte for byte.
 //! - [`admin`]: `ferrumq.admin.v1`, topics, groups, offsets and messages.
 //! - [`cluster`]: `ferrumq.cluster.v1`, broker registration with the nameservers.
+//! - [`message_id`]: new message ids in the official clients' format.
 
 #![allow(
     unreachable_pub,
@@ -35,6 +36,8 @@ pub mod ferrumq {
         }
     }
 }
+
+pub mod message_id;
 
 pub use apache::rocketmq::v2;
 pub use ferrumq::admin::v1 as admin;

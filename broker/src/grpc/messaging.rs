@@ -23,7 +23,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response};
 
 use crate::error::{ApiError, ApiResult};
-use crate::message::timestamp;
+use crate::message::{self, timestamp};
 use crate::service::{Broker, ReceiveRequest, now_ms};
 
 pub struct MessagingApi {
@@ -99,13 +99,18 @@ impl MessagingService for MessagingApi {
         let result = match client_id(&request) {
             Ok(client) => {
                 self.broker
-                    .send(request.into_inner().messages, peer, &client)
+                    .send(
+                        request.into_inner().messages,
+                        &message::grpc_field,
+                        peer,
+                        &client,
+                    )
                     .await
             }
             Err(e) => Err(e),
         };
         let (status, entries) = match result {
-            Ok(entries) => (Status::ok(), entries),
+            Ok(sent) => (Status::ok(), sent.into_iter().map(|s| s.result).collect()),
             Err(e) => (e.status(), Vec::new()),
         };
         Ok(Response::new(SendMessageResponse {

@@ -173,3 +173,42 @@ pub async fn receive_n(
 pub fn ids(messages: &[MessageView]) -> HashSet<String> {
     messages.iter().map(|m| m.message_id().to_owned()).collect()
 }
+
+/// One HTTP/1.1 request on the broker's HTTP port (blocking; call from `spawn_blocking`).
+/// Returns the status code and the body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    // A server may refuse before reading the whole body; the reply is still readable.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete HTTP response");
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, response[split + 4..].to_vec())
+}
+
+/// [`http_request`] for a GET, with the body as text.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, body) = http_request(addr, "GET", path, &[], b"");
+    (status, String::from_utf8(body).unwrap())
+}

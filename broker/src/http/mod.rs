@@ -1,16 +1,36 @@
-//! The HTTP port: health, readiness and Prometheus metrics.
+//! The HTTP port: the produce endpoint for clients without a RocketMQ SDK, its OpenAPI
+//! description, health, readiness and Prometheus metrics.
+
+mod produce;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::routing::{get, post};
 
 use crate::service::Broker;
 
+/// The OpenAPI 3.0 description of this port, served at `/openapi.json`.
+const OPENAPI: &str = include_str!("openapi.json");
+
 pub fn router(broker: Arc<Broker>) -> Router {
+    // One byte over the body limit still reaches the send path, which names the limit.
+    let single_limit = broker.config.limits.max_body_bytes.saturating_add(1);
     Router::new()
+        .route(
+            "/topics/{topic}/messages",
+            post(produce::one).layer(DefaultBodyLimit::max(single_limit)),
+        )
+        .route(
+            "/topics/{topic}/messages/batch",
+            post(produce::batch).layer(DefaultBodyLimit::max(produce::MAX_BATCH_REQUEST_BYTES)),
+        )
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))

@@ -1,0 +1,51 @@
+//! Message ids in the format of RocketMQ 5 clients: 34 hex digits, `01` (the version), six
+//! bytes naming the process's host, the process id, the seconds since 2021-01-01 and a
+//! sequence number. A producer picks the id once and keeps it across retries, so the broker
+//! and consumers can recognise a resend.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// 2021-01-01T00:00:00Z, the epoch of the id's seconds field.
+const ID_EPOCH: Duration = Duration::from_secs(1_609_459_200);
+
+/// A new message id, unique across processes with overwhelming likelihood.
+pub fn new_message_id() -> String {
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+    static NODE: OnceLock<u64> = OnceLock::new();
+    // The standard library seeds each `RandomState` randomly: 48 random bits stand in for
+    // the MAC address, which the standard library cannot read.
+    let node = *NODE.get_or_init(|| {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            & 0xFFFF_FFFF_FFFF
+    });
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(ID_EPOCH)
+        .as_secs()
+        & 0xFFFF_FFFF;
+    let pid = std::process::id() & 0xFFFF;
+    let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    format!("01{node:012X}{pid:04X}{seconds:08X}{sequence:08X}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_34_hex_digits_and_distinct() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_message_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(id.len(), 34, "{id}");
+            assert!(id.starts_with("01"), "{id}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        }
+    }
+}
