@@ -7,10 +7,12 @@
 //! - [`transaction`]: half messages, decisions, check-backs; [`timer`]: scheduled messages.
 //! - [`grpc`]: thin gRPC handlers; [`http`]: the HTTP produce endpoint, health, metrics.
 //! - [`metadata`]: topics and groups; [`config`]: the TOML configuration.
+//! - [`admin`]: offset resets (replay), dead-letter resend and purge, message deliveries.
 //!
 //! [`start`] runs a broker in-process (tests use it with port 0); the `ferrumq-broker`
 //! binary wraps it.
 
+pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod consumer;

@@ -8,7 +8,7 @@ use ferrumq_protocol::v2::{
     SystemProperties,
 };
 use ferrumq_storage::{
-    MessageType as StoredType, NewRecord, Properties, RecordView, TermIndex, keys,
+    MessageType as StoredType, NewRecord, Properties, PropertiesRef, RecordView, TermIndex, keys,
 };
 use md5::{Digest as _, Md5};
 
@@ -397,6 +397,19 @@ fn kind_of(
         }
         _ => Ok(Kind::Normal),
     }
+}
+
+/// A copy of `properties` without the keys in `drop`: what the broker strips when it moves
+/// a message on (a due timer, a committed half message, a resent dead letter).
+pub fn properties_without(properties: PropertiesRef<'_>, drop: &[&str]) -> ApiResult<Properties> {
+    let mut kept = Properties::new();
+    for (key, value) in properties.iter() {
+        if !drop.contains(&key) {
+            kept.push(key, value)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
+    }
+    Ok(kept)
 }
 
 static NO_PROPERTIES: Properties = Properties::new();

@@ -71,6 +71,7 @@ pub struct Broker {
     pub routes: Routes,
     /// `host:port` clients use to reach this broker.
     pub endpoint: String,
+    pub started_ms: i64,
     /// The commit-log position dispatched so far; changes wake waiting receives.
     pub dispatched: watch::Receiver<u64>,
     next_queue: AtomicU32,
@@ -134,6 +135,7 @@ impl Broker {
             metrics: parts.metrics,
             routes: parts.routes,
             endpoint: parts.endpoint,
+            started_ms: now_ms(),
             dispatched: parts.dispatched,
             next_queue: AtomicU32::new(0),
             telemetry: Mutex::new(Vec::new()),
@@ -141,12 +143,18 @@ impl Broker {
         }
     }
 
+    /// Wakes waiting receives after a change that may free messages without new ones
+    /// arriving (an ack, a lease change, an offset reset).
+    pub(crate) fn wake_receivers(&self) {
+        self.released.notify_waiters();
+    }
+
     fn sync_flush(&self) -> bool {
         self.config.flush == FlushPolicy::Sync
     }
 
     /// Waits until the log is durable up to `end` (sync flush), or not at all (async).
-    async fn durable(&self, end: Option<LogPos>) -> ApiResult<()> {
+    pub(crate) async fn durable(&self, end: Option<LogPos>) -> ApiResult<()> {
         match end {
             Some(end) if self.sync_flush() => self.store.durable(end).await.map_err(|e| {
                 ApiError::new(Code::MasterPersistenceTimeout, format!("flush failed: {e}"))
@@ -425,7 +433,7 @@ impl Broker {
         self.metadata.group_or_create(name, now_ms())
     }
 
-    fn readable_topic(&self, name: &str) -> ApiResult<TopicConfig> {
+    pub(crate) fn readable_topic(&self, name: &str) -> ApiResult<TopicConfig> {
         metadata::check_topic_name(name)?;
         self.metadata.topic(name).ok_or_else(|| {
             ApiError::new(
@@ -555,7 +563,7 @@ impl Broker {
         let topic = self.readable_topic(topic)?;
         let (outcomes, end) = self.consumers.ack(&group, &topic, handles);
         self.durable(end).await?;
-        self.released.notify_waiters();
+        self.wake_receivers();
         Ok(outcomes)
     }
 
@@ -585,7 +593,7 @@ impl Broker {
             self.consumers
                 .change_invisible(&group, &topic, handle, ms, now_ms())?;
         self.durable(Some(end)).await?;
-        self.released.notify_waiters();
+        self.wake_receivers();
         Ok(handle)
     }
 
@@ -601,11 +609,11 @@ impl Broker {
             .consumers
             .forward_to_dead_letter(&group, &topic, handle)?;
         self.durable(Some(end)).await?;
-        self.released.notify_waiters();
+        self.wake_receivers();
         Ok(())
     }
 
-    fn known_group(&self, name: &str) -> ApiResult<GroupConfig> {
+    pub(crate) fn known_group(&self, name: &str) -> ApiResult<GroupConfig> {
         metadata::check_group_name(name)?;
         self.metadata.group(name).ok_or_else(|| {
             ApiError::new(

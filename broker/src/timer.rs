@@ -439,14 +439,8 @@ impl Timers {
                 taken.push((at, offset));
                 continue;
             }
-            let mut properties = Properties::new();
-            for (key, value) in view.properties.iter() {
-                if key != property::REAL_TOPIC {
-                    properties
-                        .push(key, value)
-                        .map_err(|e| ApiError::internal(e.to_string()))?;
-                }
-            }
+            let properties =
+                crate::message::properties_without(view.properties, &[property::REAL_TOPIC])?;
             state.next_queue = state.next_queue.wrapping_add(1);
             let queue_id = state.next_queue % config.queue_count.max(1);
             sources.push((record, queue_id, properties));

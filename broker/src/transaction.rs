@@ -405,7 +405,7 @@ impl Transactions {
         }
         let end = if wanted == Decision::Committed {
             let op = encode(&Op::Commit { half })?;
-            let properties = strip_half_properties(&view.properties.to_owned())?;
+            let properties = crate::message::properties_without(view.properties, &HALF_ONLY)?;
             let queue_id = view
                 .properties
                 .get(property::REAL_QUEUE_ID)
@@ -628,15 +628,4 @@ fn encode(op: &Op) -> ApiResult<Vec<u8>> {
 
 fn decision_record(body: &[u8]) -> NewRecord<'_> {
     crate::message::system_record(DECISION_TOPIC, body)
-}
-
-fn strip_half_properties(properties: &Properties) -> ApiResult<Properties> {
-    let mut kept = Properties::new();
-    for (key, value) in properties.as_ref().iter() {
-        if !HALF_ONLY.contains(&key) {
-            kept.push(key, value)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-        }
-    }
-    Ok(kept)
 }

@@ -213,7 +213,14 @@ async fn scheduled_and_fifo_messages_over_http() {
 }
 
 /// Path, headers, body; then the HTTP status, the code, and a text the message must contain.
-type Refusal<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a [u8], u16, &'a str, &'a str);
+type Refusal<'a> = (
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    &'a [u8],
+    u16,
+    &'a str,
+    &'a str,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_names_its_field_and_stores_nothing() {

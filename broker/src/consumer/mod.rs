@@ -528,6 +528,94 @@ impl ConsumerGroups {
         self.journal(&mut state, op)
     }
 
+    /// Moves `group`'s position in a queue to `offset` (see [`Op::Reset`]); returns the acked
+    /// offset before the move and the journal end to make durable.
+    pub fn reset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+    ) -> ApiResult<(Option<u64>, LogPos)> {
+        let mut state = self.lock();
+        let previous = state.queue(group, topic, queue_id).map(|q| q.floor);
+        let op = Op::Reset {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            queue_id,
+            offset,
+        };
+        Ok((previous, self.journal(&mut state, op)?))
+    }
+
+    /// Finishes messages of queue 0 of `topic` for a group by name, outside any lease: the
+    /// broker's own readers of internal topics (handled dead letters) use it. A queue the
+    /// group has not read yet starts at `start`, journaled first, so a replay rebuilds it.
+    pub fn finish(
+        &self,
+        group: &str,
+        topic: &str,
+        start: u64,
+        messages: Vec<(u32, u64)>,
+    ) -> ApiResult<LogPos> {
+        let mut state = self.lock();
+        if state.queue(group, topic, 0).is_none() {
+            let op = Op::Reset {
+                group: group.to_owned(),
+                topic: topic.to_owned(),
+                queue_id: 0,
+                offset: start,
+            };
+            self.journal(&mut state, op)?;
+        }
+        let op = Op::Done {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            messages,
+        };
+        self.journal(&mut state, op)
+    }
+
+    /// The offsets in `from..to` of a queue that `group` has not finished.
+    pub fn unfinished(
+        &self,
+        group: &str,
+        topic: &str,
+        queue_id: u32,
+        from: u64,
+        to: u64,
+    ) -> Vec<u64> {
+        let state = self.lock();
+        match state.queue(group, topic, queue_id) {
+            None => (from..to).collect(),
+            Some(q) => (from.max(q.floor)..to).filter(|o| !q.is_done(*o)).collect(),
+        }
+    }
+
+    /// What each group that reads the queue has done with the message at `offset`: (group,
+    /// the lease if it is out, whether it is finished).
+    pub fn deliveries(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+    ) -> Vec<(String, Option<state::Lease>, bool)> {
+        let state = self.lock();
+        state
+            .groups
+            .iter()
+            .filter(|(group, _)| !crate::metadata::is_system_topic(group))
+            .filter_map(|(group, topics)| {
+                let queue = topics.get(topic)?.get(&queue_id)?;
+                Some((
+                    group.clone(),
+                    queue.leases.get(&offset).cloned(),
+                    queue.is_done(offset),
+                ))
+            })
+            .collect()
+    }
+
     /// Per queue of each topic the group has read: (topic, queue, acked below, delivered
     /// below, in flight).
     pub fn progress(&self, group: &str) -> Vec<(String, u32, u64, u64, u64)> {

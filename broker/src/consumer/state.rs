@@ -125,6 +125,14 @@ pub enum Op {
         topic: String,
         messages: Vec<(u32, u64)>,
     },
+    /// An operator moved the group's position in a queue (`ResetOffset`): everything from
+    /// `offset` on is to be delivered, nothing below it; leases end.
+    Reset {
+        group: String,
+        topic: String,
+        queue_id: u32,
+        offset: u64,
+    },
     /// A pull consumer's committed offset (UpdateOffset).
     PullOffset {
         group: String,
@@ -233,6 +241,17 @@ impl ConsumerState {
                         .mark_done(offset);
                 }
             }
+            Op::Reset {
+                group,
+                topic,
+                queue_id,
+                offset,
+            } => {
+                *self.queue_mut(group, topic, *queue_id, || *offset) =
+                    QueueState::starting_at(*offset);
+                self.pull_offsets
+                    .insert((group.clone(), topic.clone(), *queue_id), *offset);
+            }
             Op::PullOffset {
                 group,
                 topic,
@@ -272,6 +291,31 @@ mod pull_offsets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reset_moves_the_floor_and_ends_leases_in_either_direction() {
+        let mut state = ConsumerState::default();
+        state.apply(&deliver(&[0, 1, 2, 3], 1));
+        state.apply(&Op::Done {
+            group: "g".into(),
+            topic: "t".into(),
+            messages: vec![(0, 0), (0, 1)],
+        });
+        let reset = |offset| Op::Reset {
+            group: "g".into(),
+            topic: "t".into(),
+            queue_id: 0,
+            offset,
+        };
+        state.apply(&reset(1));
+        let queue = state.queue("g", "t", 0).unwrap();
+        assert_eq!((queue.floor, queue.next_unscanned()), (1, 1));
+        assert!(queue.leases.is_empty() && queue.done.is_empty());
+        assert!(!queue.is_done(1), "acked before, delivered again after the reset");
+        state.apply(&reset(10));
+        assert!(state.queue("g", "t", 0).unwrap().is_done(9));
+        assert_eq!(state.pull_offsets[&("g".to_owned(), "t".to_owned(), 0)], 10);
+    }
 
     fn deliver(offsets: &[u64], epoch: u64) -> Op {
         Op::Deliver {

@@ -5,18 +5,24 @@ use std::sync::Arc;
 
 use ferrumq_protocol::admin::admin_service_server::AdminService;
 use ferrumq_protocol::admin::{
-    CreateGroupRequest, CreateGroupResponse, CreateTopicRequest, CreateTopicResponse,
-    DeleteTopicRequest, DeleteTopicResponse, DescribeGroupRequest, DescribeGroupResponse,
-    DiscardedTransaction, Group, ListDiscardedTransactionsRequest,
+    BrokerStatus, ClusterMember, CreateGroupRequest, CreateGroupResponse, CreateTopicRequest,
+    CreateTopicResponse, DeadLetter, DeleteTopicRequest, DeleteTopicResponse, DescribeGroupRequest,
+    DescribeGroupResponse, DescribeTopicRequest, DescribeTopicResponse, DiscardedTransaction,
+    GetClusterStatusRequest, GetClusterStatusResponse, Group, GroupDelivery,
+    ListDeadLettersRequest, ListDeadLettersResponse, ListDiscardedTransactionsRequest,
     ListDiscardedTransactionsResponse, ListGroupsRequest, ListGroupsResponse, ListTopicsRequest,
-    ListTopicsResponse, QueryMessageRequest, QueryMessageResponse, QueueProgress,
-    StartPosition as WireStart, StoredMessage, Topic, query_message_request,
+    ListTopicsResponse, PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueryMessageRequest,
+    QueryMessageResponse, QueueProgress, QueueRange, QueueReset, ResendDeadLettersRequest,
+    ResendDeadLettersResponse, ResetOffsetRequest, ResetOffsetResponse, StartPosition as WireStart,
+    StoredMessage, Topic, group_delivery, query_message_request, reset_offset_request,
 };
 use ferrumq_protocol::v2::{Code, MessageType};
 use tonic::{Request, Response};
 
+use crate::admin::ResetTo;
+use crate::config::FlushPolicy;
 use crate::error::ApiError;
-use crate::message;
+use crate::message::{self, property};
 use crate::metadata::{self, GroupConfig, StartPosition, TopicConfig};
 use crate::service::{Broker, now_ms};
 
@@ -266,9 +272,29 @@ impl AdminService for AdminApi {
             .iter()
             .filter(|r| request.topic.is_empty() || r.view().topic == request.topic)
             .take(max)
-            .map(|r| StoredMessage {
-                message: Some(message::to_wire(&r.view(), None, &self.broker.endpoint)),
-                commit_log_position: r.pos().0,
+            .map(|r| {
+                let view = r.view();
+                StoredMessage {
+                    message: Some(message::to_wire(&view, None, &self.broker.endpoint)),
+                    commit_log_position: r.pos().0,
+                    queue_id: view.queue_id,
+                    queue_offset: view.queue_offset.0,
+                    deliveries: self
+                        .broker
+                        .deliveries(view.topic, view.queue_id, view.queue_offset.0)
+                        .into_iter()
+                        .map(|d| GroupDelivery {
+                            group: d.group,
+                            state: match (&d.lease, d.done) {
+                                (_, true) => group_delivery::State::Done,
+                                (Some(_), false) => group_delivery::State::InFlight,
+                                (None, false) => group_delivery::State::Pending,
+                            } as i32,
+                            attempt: d.lease.as_ref().map_or(0, |l| l.attempt),
+                            visible_at_ms: d.lease.as_ref().map_or(0, |l| l.visible_at_ms),
+                        })
+                        .collect(),
+                }
             })
             .collect();
         Ok(Response::new(QueryMessageResponse { messages }))
@@ -303,5 +329,182 @@ impl AdminService for AdminApi {
         Ok(Response::new(ListDiscardedTransactionsResponse {
             transactions,
         }))
+    }
+
+    async fn get_cluster_status(
+        &self,
+        _request: Request<GetClusterStatusRequest>,
+    ) -> Reply<GetClusterStatusResponse> {
+        let broker = &self.broker;
+        let config = &broker.config;
+        let log = broker.store.log();
+        let status = BrokerStatus {
+            cluster_name: config.cluster_name.clone(),
+            broker_name: config.broker_name.clone(),
+            endpoint: broker.endpoint.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            flush: match config.flush {
+                FlushPolicy::Sync => "sync",
+                FlushPolicy::Async => "async",
+            }
+            .to_owned(),
+            commit_log_written_bytes: log.written_pos().0,
+            commit_log_durable_bytes: log.durable_pos().0,
+            topics: u32::try_from(
+                broker
+                    .metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| !metadata::is_system_topic(&t.name))
+                    .count(),
+            )
+            .unwrap_or(u32::MAX),
+            groups: u32::try_from(broker.metadata.groups().len()).unwrap_or(u32::MAX),
+            inflight_messages: broker.consumers.inflight(),
+            half_messages: broker.transactions.pending() as u64,
+            scheduled_messages_in_memory: broker.timers.in_memory() as u64,
+            storage_failure: log.failure().map(|f| f.to_string()).unwrap_or_default(),
+            started_ms: broker.started_ms,
+        };
+        let members = match &broker.routes {
+            crate::service::Routes::Embedded(table) => table
+                .brokers()
+                .into_iter()
+                .map(|(registration, age)| ClusterMember {
+                    cluster_name: registration.cluster,
+                    broker_name: registration.broker_name,
+                    endpoint: registration.endpoints.join(","),
+                    last_seen_ms_ago: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                })
+                .collect(),
+            crate::service::Routes::Nameservers(_) => Vec::new(),
+        };
+        Ok(Response::new(GetClusterStatusResponse {
+            broker: Some(status),
+            members,
+        }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<DescribeTopicRequest>,
+    ) -> Reply<DescribeTopicResponse> {
+        let name = request.into_inner().name;
+        let topic = self.broker.readable_topic(&name).map_err(to_grpc)?;
+        let queues = (0..topic.queue_count)
+            .map(|queue_id| {
+                let queue = self.broker.store.consume_queue(&topic.name, queue_id);
+                QueueRange {
+                    queue_id,
+                    min_offset: queue.as_ref().map_or(0, |q| q.min_offset().0),
+                    max_offset: queue.as_ref().map_or(0, |q| q.max_offset().0),
+                }
+            })
+            .collect();
+        Ok(Response::new(DescribeTopicResponse {
+            topic: Some(wire_topic(&topic)),
+            queues,
+        }))
+    }
+
+    async fn reset_offset(
+        &self,
+        request: Request<ResetOffsetRequest>,
+    ) -> Reply<ResetOffsetResponse> {
+        let request = request.into_inner();
+        let to = match request.to {
+            Some(reset_offset_request::To::TimestampMs(ms)) => ResetTo::Time(ms),
+            Some(reset_offset_request::To::Offset(offset)) => ResetTo::Offset(offset),
+            None => {
+                return Err(tonic::Status::invalid_argument(
+                    "one of timestamp_ms or offset is required",
+                ));
+            }
+        };
+        let moves = self
+            .broker
+            .reset_offset(&request.group, &request.topic, to, &request.queue_ids)
+            .await
+            .map_err(to_grpc)?;
+        Ok(Response::new(ResetOffsetResponse {
+            queues: moves
+                .into_iter()
+                .map(|m| QueueReset {
+                    queue_id: m.queue_id,
+                    previous_offset: m.previous.unwrap_or(0),
+                    offset: m.offset,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Reply<ListDeadLettersResponse> {
+        let request = request.into_inner();
+        let max = if request.max == 0 {
+            100
+        } else {
+            request.max as usize
+        };
+        let (letters, pending) = self
+            .broker
+            .dead_letters(&request.group, max)
+            .map_err(to_grpc)?;
+        let dead_letters = letters
+            .iter()
+            .map(|letter| {
+                let view = letter.record.view();
+                DeadLetter {
+                    message: Some(message::to_wire(&view, None, &self.broker.endpoint)),
+                    origin_topic: view
+                        .properties
+                        .get(property::DLQ_ORIGIN_TOPIC)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    dlq_offset: letter.dlq_offset,
+                    dead_lettered_ms: view.store_timestamp_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(ListDeadLettersResponse {
+            dead_letters,
+            pending,
+        }))
+    }
+
+    async fn resend_dead_letters(
+        &self,
+        request: Request<ResendDeadLettersRequest>,
+    ) -> Reply<ResendDeadLettersResponse> {
+        let request = request.into_inner();
+        let max = if request.max == 0 {
+            1000
+        } else {
+            request.max as usize
+        };
+        let resent = self
+            .broker
+            .resend_dead_letters(&request.group, &request.message_ids, max)
+            .await
+            .map_err(to_grpc)?;
+        Ok(Response::new(ResendDeadLettersResponse {
+            resent: u32::try_from(resent.resent).unwrap_or(u32::MAX),
+            pending: resent.pending,
+            not_found: resent.not_found,
+        }))
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        request: Request<PurgeDeadLettersRequest>,
+    ) -> Reply<PurgeDeadLettersResponse> {
+        let purged = self
+            .broker
+            .purge_dead_letters(&request.into_inner().group)
+            .await
+            .map_err(to_grpc)?;
+        Ok(Response::new(PurgeDeadLettersResponse { purged }))
     }
 }
