@@ -164,6 +164,13 @@ fn wait_for_dead_letters(endpoint: SocketAddr, group: &str, pending: u64) -> Val
     }
 }
 
+/// `offset reset` of group billing in topic orders to `target`.
+fn reset_billing(endpoint: SocketAddr, target: &[&str]) -> Value {
+    let mut args = vec!["offset", "reset", "--group", "billing", "--topic", "orders"];
+    args.extend_from_slice(target);
+    json(endpoint, &args)
+}
+
 fn strings(value: &Value, field: &str) -> HashSet<String> {
     value
         .as_array()
@@ -321,22 +328,7 @@ async fn every_command_against_a_broker_process() {
         t.format(&time::format_description::well_known::Rfc3339)
             .unwrap()
     };
-    let moved = blocking(move || {
-        json(
-            at,
-            &[
-                "offset",
-                "reset",
-                "--group",
-                "billing",
-                "--topic",
-                "orders",
-                "--to-time",
-                &middle_text,
-            ],
-        )
-    })
-    .await;
+    let moved = blocking(move || reset_billing(at, &["--to-time", &middle_text])).await;
     let back: u64 = moved
         .as_array()
         .unwrap()
@@ -349,22 +341,7 @@ async fn every_command_against_a_broker_process() {
 
     // offset reset --to-offset 0, and no acks: with one attempt allowed, all six are
     // dead-lettered, for both groups.
-    blocking(move || {
-        json(
-            at,
-            &[
-                "offset",
-                "reset",
-                "--group",
-                "billing",
-                "--topic",
-                "orders",
-                "--to-offset",
-                "0",
-            ],
-        )
-    })
-    .await;
+    blocking(move || reset_billing(at, &["--to-offset", "0"])).await;
     let audit = consumer(at, "audit", "orders").await;
     let short = Duration::from_secs(1);
     assert_eq!(

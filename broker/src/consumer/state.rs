@@ -311,7 +311,10 @@ mod tests {
         let queue = state.queue("g", "t", 0).unwrap();
         assert_eq!((queue.floor, queue.next_unscanned()), (1, 1));
         assert!(queue.leases.is_empty() && queue.done.is_empty());
-        assert!(!queue.is_done(1), "acked before, delivered again after the reset");
+        assert!(
+            !queue.is_done(1),
+            "acked before, delivered again after the reset"
+        );
         state.apply(&reset(10));
         assert!(state.queue("g", "t", 0).unwrap().is_done(9));
         assert_eq!(state.pull_offsets[&("g".to_owned(), "t".to_owned(), 0)], 10);

@@ -432,37 +432,23 @@ mod tests {
 
     #[test]
     fn the_http_status_is_the_codes_first_three_digits() {
-        assert_eq!(http_status(Code::BadRequest), StatusCode::BAD_REQUEST);
-        assert_eq!(
-            http_status(Code::IllegalMessageTag),
-            StatusCode::BAD_REQUEST
-        );
-        assert_eq!(http_status(Code::TopicNotFound), StatusCode::NOT_FOUND);
-        assert_eq!(
-            http_status(Code::MessageBodyTooLarge),
-            StatusCode::PAYLOAD_TOO_LARGE
-        );
-        assert_eq!(
-            http_status(Code::TooManyRequests),
-            StatusCode::TOO_MANY_REQUESTS
-        );
-        assert_eq!(
-            http_status(Code::HaNotAvailable),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(
-            http_status(Code::MasterPersistenceTimeout),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(
-            http_status(Code::InternalServerError),
-            StatusCode::INTERNAL_SERVER_ERROR
-        );
-        assert_eq!(
-            http_status(Code::Ok),
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "never a success status for a refusal"
-        );
+        for (code, status) in [
+            (Code::BadRequest, StatusCode::BAD_REQUEST),
+            (Code::IllegalMessageTag, StatusCode::BAD_REQUEST),
+            (Code::TopicNotFound, StatusCode::NOT_FOUND),
+            (Code::MessageBodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+            (Code::TooManyRequests, StatusCode::TOO_MANY_REQUESTS),
+            (Code::HaNotAvailable, StatusCode::SERVICE_UNAVAILABLE),
+            (
+                Code::MasterPersistenceTimeout,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (Code::InternalServerError, StatusCode::INTERNAL_SERVER_ERROR),
+            // Never a success status for a refusal.
+            (Code::Ok, StatusCode::INTERNAL_SERVER_ERROR),
+        ] {
+            assert_eq!(http_status(code), status, "{code:?}");
+        }
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
