@@ -9,12 +9,11 @@
 use std::time::Duration;
 
 use ferrumq_protocol::v2::Code;
-use ferrumq_storage::{MessageType, NewRecord, QueueOffset, StoredRecord, TermIndex, keys};
+use ferrumq_storage::{MessageType, NewRecord, QueueOffset, StoredRecord, keys};
 
 use crate::consumer::state::Lease;
 use crate::error::{ApiError, ApiResult};
 use crate::message::{self, property};
-use crate::metadata::DLQ_PREFIX;
 use crate::service::Broker;
 
 /// The internal group whose finished offsets in `%DLQ%{group}` are the handled dead letters.
@@ -112,12 +111,12 @@ impl Broker {
     /// The waiting dead letters of `group`, oldest first, at most `max`, and how many wait
     /// in all.
     pub fn dead_letters(&self, group: &str, max: usize) -> ApiResult<(Vec<DeadLetter>, u64)> {
-        let group = self.known_group(group)?;
-        let waiting = self.waiting_dead_letters(&group.name);
+        let dlq = self.known_group(group)?.dead_letter_topic();
+        let waiting = self.waiting_dead_letters(&dlq);
         let pending = waiting.len() as u64;
         let letters = waiting
             .into_iter()
-            .filter_map(|offset| self.dead_letter_at(&group.name, offset))
+            .filter_map(|offset| self.dead_letter_at(&dlq, offset))
             .take(max)
             .collect();
         Ok((letters, pending))
@@ -133,14 +132,14 @@ impl Broker {
         max: usize,
     ) -> ApiResult<Resent> {
         let group = self.known_group(group)?;
-        let dlq = format!("{DLQ_PREFIX}{}", group.name);
+        let dlq = group.dead_letter_topic();
         let mut chosen = Vec::new();
         let mut found = vec![false; ids.len()];
-        for offset in self.waiting_dead_letters(&group.name) {
+        for offset in self.waiting_dead_letters(&dlq) {
             if ids.is_empty() && chosen.len() >= max {
                 break;
             }
-            let Some(letter) = self.dead_letter_at(&group.name, offset) else {
+            let Some(letter) = self.dead_letter_at(&dlq, offset) else {
                 continue;
             };
             let id = letter
@@ -202,18 +201,15 @@ impl Broker {
         let records: Vec<NewRecord<'_>> = chosen
             .iter()
             .zip(&copies)
-            .map(
-                |(letter, (topic, queue_id, message_type, properties))| NewRecord {
+            .map(|(letter, (topic, queue_id, message_type, properties))| {
+                message::moved_record(
+                    &letter.record.view(),
                     topic,
-                    queue_id: *queue_id,
-                    message_type: *message_type,
-                    born_timestamp_ms: letter.record.view().born_timestamp_ms,
-                    born_host: letter.record.view().born_host,
-                    properties: properties.as_ref(),
-                    body: letter.record.view().body,
-                    term_index: TermIndex::default(),
-                },
-            )
+                    *queue_id,
+                    *message_type,
+                    properties,
+                )
+            })
             .collect();
         if !records.is_empty() {
             let mut appended = Vec::with_capacity(records.len());
@@ -227,7 +223,7 @@ impl Broker {
         }
         Ok(Resent {
             resent: records.len(),
-            pending: self.waiting_dead_letters(&group.name).len() as u64,
+            pending: self.waiting_dead_letters(&dlq).len() as u64,
             not_found,
         })
     }
@@ -235,8 +231,8 @@ impl Broker {
     /// Drops every waiting dead letter of `group`; returns how many.
     pub async fn purge_dead_letters(&self, group: &str) -> ApiResult<u64> {
         let group = self.known_group(group)?;
-        let dlq = format!("{DLQ_PREFIX}{}", group.name);
-        let waiting = self.waiting_dead_letters(&group.name);
+        let dlq = group.dead_letter_topic();
+        let waiting = self.waiting_dead_letters(&dlq);
         let purged = waiting.len() as u64;
         if !waiting.is_empty() {
             let end = self.consumers.finish(
@@ -261,26 +257,24 @@ impl Broker {
             .collect()
     }
 
-    /// Offsets in `%DLQ%{group}` neither resent nor purged, oldest first.
-    fn waiting_dead_letters(&self, group: &str) -> Vec<u64> {
-        let dlq = format!("{DLQ_PREFIX}{group}");
-        let Some(queue) = self.store.consume_queue(&dlq, 0) else {
+    /// Offsets in the dead-letter topic `dlq` neither resent nor purged, oldest first.
+    fn waiting_dead_letters(&self, dlq: &str) -> Vec<u64> {
+        let Some(queue) = self.store.consume_queue(dlq, 0) else {
             return Vec::new();
         };
         self.consumers.unfinished(
             DEAD_LETTERS_HANDLED,
-            &dlq,
+            dlq,
             0,
             queue.min_offset().0,
             queue.max_offset().0,
         )
     }
 
-    fn dead_letter_at(&self, group: &str, offset: u64) -> Option<DeadLetter> {
-        let dlq = format!("{DLQ_PREFIX}{group}");
+    fn dead_letter_at(&self, dlq: &str, offset: u64) -> Option<DeadLetter> {
         let record = self
             .store
-            .read_queued(&dlq, 0, QueueOffset(offset), Duration::ZERO)?;
+            .read_queued(dlq, 0, QueueOffset(offset), Duration::ZERO)?;
         Some(DeadLetter {
             record,
             dlq_offset: offset,

@@ -412,6 +412,27 @@ pub fn properties_without(properties: PropertiesRef<'_>, drop: &[&str]) -> ApiRe
     Ok(kept)
 }
 
+/// A stored message moved on to `topic` (a due timer, a committed half message, a dead
+/// letter, a resent one): its body, birth and `properties`, under a new type and queue.
+pub fn moved_record<'a>(
+    view: &RecordView<'a>,
+    topic: &'a str,
+    queue_id: u32,
+    message_type: StoredType,
+    properties: &'a Properties,
+) -> NewRecord<'a> {
+    NewRecord {
+        topic,
+        queue_id,
+        message_type,
+        born_timestamp_ms: view.born_timestamp_ms,
+        born_host: view.born_host,
+        properties: properties.as_ref(),
+        body: view.body,
+        term_index: TermIndex::default(),
+    }
+}
+
 static NO_PROPERTIES: Properties = Properties::new();
 
 /// A record of the broker's own bookkeeping (journals, done and cancel records): queue 0 of

@@ -22,15 +22,14 @@ use std::time::{Duration, Instant};
 
 use ferrumq_protocol::v2::Code;
 use ferrumq_storage::{
-    LogPos, MessageStore, MessageType, NewRecord, Properties, QueueOffset, StoredRecord, TermIndex,
-    keys,
+    LogPos, MessageStore, MessageType, NewRecord, Properties, QueueOffset, StoredRecord, keys,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::config::TimerSettings;
 use crate::error::{ApiError, ApiResult, BrokerError};
 use crate::files;
-use crate::message::{property, system_record};
+use crate::message::{moved_record, property, system_record};
 use crate::metadata::Metadata;
 use crate::metrics::Metrics;
 
@@ -455,19 +454,11 @@ impl Timers {
             .iter()
             .map(|(record, queue_id, properties)| {
                 let view = record.view();
-                NewRecord {
-                    topic: view
-                        .properties
-                        .get(property::REAL_TOPIC)
-                        .unwrap_or_default(),
-                    queue_id: *queue_id,
-                    message_type: MessageType::Delay,
-                    born_timestamp_ms: view.born_timestamp_ms,
-                    born_host: view.born_host,
-                    properties: properties.as_ref(),
-                    body: view.body,
-                    term_index: TermIndex::default(),
-                }
+                let topic = view
+                    .properties
+                    .get(property::REAL_TOPIC)
+                    .unwrap_or_default();
+                moved_record(&view, topic, *queue_id, MessageType::Delay, properties)
             })
             .collect();
         records.push(system_record(TIMER_DONE_TOPIC, &done_body));

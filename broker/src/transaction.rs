@@ -18,14 +18,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ferrumq_protocol::v2::{Code, TransactionResolution};
 use ferrumq_storage::{
-    LogPos, MessageStore, MessageType, NewRecord, Properties, QueueOffset, StoredRecord, TermIndex,
-    keys,
+    LogPos, MessageStore, MessageType, NewRecord, Properties, QueueOffset, StoredRecord, keys,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::config::TransactionSettings;
 use crate::error::{ApiError, ApiResult, BrokerError};
-use crate::message::property;
+use crate::message::{moved_record, property};
 use crate::metrics::Metrics;
 
 /// Half messages, queue 0; a transaction id is an offset in this queue.
@@ -412,16 +411,13 @@ impl Transactions {
                 .and_then(|q| q.parse().ok())
                 .unwrap_or(0);
             let records = [
-                NewRecord {
-                    topic: real_topic,
+                moved_record(
+                    &view,
+                    real_topic,
                     queue_id,
-                    message_type: MessageType::TransactionCommit,
-                    born_timestamp_ms: view.born_timestamp_ms,
-                    born_host: view.born_host,
-                    properties: properties.as_ref(),
-                    body: view.body,
-                    term_index: TermIndex::default(),
-                },
+                    MessageType::TransactionCommit,
+                    &properties,
+                ),
                 decision_record(&op),
             ];
             let mut appended = Vec::with_capacity(2);
@@ -583,16 +579,13 @@ impl Transactions {
             .push(property::TRANSACTION_CHECKS, &checks.to_string())
             .and_then(|()| properties.push(HALF_OFFSET, &view.queue_offset.0.to_string()))
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        self.store.append(&NewRecord {
-            topic: DISCARDED_TOPIC,
-            queue_id: 0,
-            message_type: MessageType::TransactionHalf,
-            born_timestamp_ms: view.born_timestamp_ms,
-            born_host: view.born_host,
-            properties: properties.as_ref(),
-            body: view.body,
-            term_index: TermIndex::default(),
-        })?;
+        self.store.append(&moved_record(
+            &view,
+            DISCARDED_TOPIC,
+            0,
+            MessageType::TransactionHalf,
+            &properties,
+        ))?;
         self.metrics.add(&self.metrics.transactions_discarded, 1);
         tracing::warn!(
             message_id = view.properties.get(keys::MESSAGE_ID).unwrap_or_default(),

@@ -19,8 +19,7 @@ use ferrumq_protocol::v2::Code;
 use std::collections::{HashSet, VecDeque};
 
 use ferrumq_storage::{
-    ConsumeQueue, LogPos, MessageStore, MessageType, NewRecord, QueueOffset, StoredRecord,
-    TermIndex, keys,
+    ConsumeQueue, LogPos, MessageStore, MessageType, QueueOffset, StoredRecord, keys,
 };
 
 use crate::error::{ApiError, ApiResult, BrokerError};
@@ -845,16 +844,13 @@ impl ConsumerGroups {
             .push(property::DLQ_ORIGIN_TOPIC, &topic.name)
             .and_then(|()| properties.push(property::DLQ_ORIGIN_MESSAGE_ID, id))
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        self.store.append(&NewRecord {
-            topic: &dlq.name,
-            queue_id: 0,
-            message_type: MessageType::Normal,
-            born_timestamp_ms: view.born_timestamp_ms,
-            born_host: view.born_host,
-            properties: properties.as_ref(),
-            body: view.body,
-            term_index: TermIndex::default(),
-        })?;
+        self.store.append(&crate::message::moved_record(
+            &view,
+            &dlq.name,
+            0,
+            MessageType::Normal,
+            &properties,
+        ))?;
         self.metrics.add_dead_lettered(1);
         tracing::info!(group = %group.name, topic = %topic.name, queue_id, offset, message_id = id, "dead-lettered");
         self.journal(state, done_op(group, topic, queue_id, offset))
