@@ -51,7 +51,8 @@ pub struct MessageStore {
     inner: Arc<Inner>,
     dispatcher: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
-    _lock: File,
+    /// The data directory's lock; released by `close`, after which the store never writes.
+    lock: Mutex<Option<File>>,
 }
 
 struct Inner {
@@ -180,7 +181,7 @@ impl MessageStore {
             inner,
             dispatcher: Mutex::new(Some(dispatcher)),
             recovery,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         })
     }
 
@@ -361,6 +362,14 @@ impl MessageStore {
             self.inner.checkpoint(&mut cursor, true)
         })();
         let closed = self.inner.log.close();
+        // Another store (in this process, or after a restart) may open the directory now,
+        // even while readers still hold this one.
+        drop(
+            self.lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
         result.and(closed)
     }
 }

@@ -1,0 +1,456 @@
+//! Broadcast consumption: every instance gets every message of the topic.
+//!
+//! Leases are shared by a group, so they cannot do this. Instead each instance pulls every
+//! queue of the topic itself (PullMessage) and keeps its own offsets, in memory and, when an
+//! offset file is given, on disk, written every second and at shutdown. A restarted instance
+//! goes on from its file: at least once, with at most the last second delivered again after
+//! a crash. A queue with no saved offset starts at its end (only new messages) or, if asked,
+//! at its beginning.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ferrumq_protocol::v2::pull_message_response::Content;
+use ferrumq_protocol::v2::{
+    Code, MessageQueue, PullMessageRequest, QueryOffsetPolicy, QueryOffsetRequest,
+};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::ClientConfig;
+use crate::consumer::Filter;
+use crate::error::{Error, Result};
+use crate::message::ReceivedMessage;
+use crate::push_consumer::ConsumeResult;
+use crate::telemetry::prost_duration;
+use crate::transport::{Transport, queue_endpoint, resource};
+
+/// Where an instance starts on a queue it has no offset for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// Only messages stored from now on.
+    Latest,
+    /// Everything the broker still holds.
+    Earliest,
+}
+
+type Listener = Arc<
+    dyn Fn(ReceivedMessage) -> Pin<Box<dyn Future<Output = ConsumeResult> + Send>> + Send + Sync,
+>;
+
+/// Configures a [`BroadcastConsumer`].
+pub struct BroadcastConsumerBuilder {
+    config: ClientConfig,
+    group: String,
+    topic: Option<(String, Filter)>,
+    offset_file: Option<PathBuf>,
+    start_from: StartFrom,
+    long_polling: Duration,
+    max_attempts: u32,
+    listener: Option<Listener>,
+}
+
+impl BroadcastConsumerBuilder {
+    /// The topic to receive all of.
+    #[must_use]
+    pub fn subscribe(
+        mut self,
+        topic: impl Into<String>,
+        filter: Filter,
+    ) -> BroadcastConsumerBuilder {
+        self.topic = Some((topic.into(), filter));
+        self
+    }
+
+    /// Keeps this instance's offsets in `path`, so a restart goes on where it stopped.
+    #[must_use]
+    pub fn offset_file(mut self, path: impl Into<PathBuf>) -> BroadcastConsumerBuilder {
+        self.offset_file = Some(path.into());
+        self
+    }
+
+    /// Where to start on a queue without a saved offset ([`StartFrom::Latest`] by default).
+    #[must_use]
+    pub fn start_from(mut self, start: StartFrom) -> BroadcastConsumerBuilder {
+        self.start_from = start;
+        self
+    }
+
+    /// How long a pull waits at the broker for new messages (5 s).
+    #[must_use]
+    pub fn long_polling(mut self, wait: Duration) -> BroadcastConsumerBuilder {
+        self.long_polling = wait;
+        self
+    }
+
+    /// Calls of the listener per message before it is skipped (16); a broadcast message has
+    /// no dead-letter queue.
+    #[must_use]
+    pub fn max_attempts(mut self, attempts: u32) -> BroadcastConsumerBuilder {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Called for each message, in order within a queue.
+    #[must_use]
+    pub fn listener<F, Fut>(mut self, listener: F) -> BroadcastConsumerBuilder
+    where
+        F: Fn(ReceivedMessage) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ConsumeResult> + Send + 'static,
+    {
+        self.listener = Some(Arc::new(move |message| Box::pin(listener(message))));
+        self
+    }
+
+    /// Loads the offsets and starts pulling every queue of the topic.
+    pub async fn build(self) -> Result<BroadcastConsumer> {
+        let (topic, filter) = self.topic.ok_or_else(|| {
+            Error::Config("no subscription; call subscribe(topic, filter)".into())
+        })?;
+        let listener = self.listener.ok_or_else(|| {
+            Error::Config(
+                "a broadcast consumer needs a listener; set one with .listener(...)".into(),
+            )
+        })?;
+        if self.max_attempts == 0 {
+            return Err(Error::Config("max_attempts must be at least 1".into()));
+        }
+        let transport = Transport::new(self.config)?;
+        let offsets = Arc::new(Offsets::load(self.offset_file)?);
+        let route = transport.route(&topic).await?;
+        let (stop, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            transport,
+            group: self.group,
+            topic,
+            filter,
+            start_from: self.start_from,
+            long_polling: self.long_polling,
+            max_attempts: self.max_attempts,
+            listener,
+            offsets,
+            stop,
+        });
+        let mut tasks = JoinSet::new();
+        for queue in &route.queues {
+            let readable = queue.permission != ferrumq_protocol::v2::Permission::Write as i32;
+            if readable && let Some(endpoint) = queue_endpoint(queue) {
+                tasks.spawn(inner.clone().pull_loop(queue.clone(), endpoint));
+            }
+        }
+        tasks.spawn(inner.clone().save_loop());
+        Ok(BroadcastConsumer { inner, tasks })
+    }
+}
+
+/// Delivers every message of a topic to this instance; see the [crate docs](crate).
+pub struct BroadcastConsumer {
+    inner: Arc<Inner>,
+    tasks: JoinSet<()>,
+}
+
+struct Inner {
+    transport: Arc<Transport>,
+    group: String,
+    topic: String,
+    filter: Filter,
+    start_from: StartFrom,
+    long_polling: Duration,
+    max_attempts: u32,
+    listener: Listener,
+    offsets: Arc<Offsets>,
+    stop: watch::Sender<bool>,
+}
+
+impl BroadcastConsumer {
+    pub fn builder(config: ClientConfig, group: impl Into<String>) -> BroadcastConsumerBuilder {
+        BroadcastConsumerBuilder {
+            config,
+            group: group.into(),
+            topic: None,
+            offset_file: None,
+            start_from: StartFrom::Latest,
+            long_polling: Duration::from_secs(5),
+            max_attempts: 16,
+            listener: None,
+        }
+    }
+
+    /// Lets the messages being processed finish, then saves the offsets.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.inner.stop.send_replace(true);
+        while self.tasks.join_next().await.is_some() {}
+        self.inner.offsets.save()
+    }
+}
+
+impl Drop for BroadcastConsumer {
+    fn drop(&mut self) {
+        self.inner.stop.send_replace(true);
+    }
+}
+
+impl Inner {
+    async fn pull_loop(self: Arc<Self>, queue: MessageQueue, endpoint: String) {
+        let key = queue_key(&self.topic, &queue);
+        let mut stop = self.stop.subscribe();
+        let mut offset = self.offsets.get(&key);
+        loop {
+            if *stop.borrow_and_update() {
+                return;
+            }
+            let step = async {
+                let from = match offset {
+                    Some(offset) => offset,
+                    None => self.start_offset(&queue, &endpoint).await?,
+                };
+                offset = Some(from);
+                let (messages, next) = self.pull(&queue, &endpoint, from).await?;
+                Ok::<_, Error>((messages, next))
+            };
+            let pulled = tokio::select! {
+                pulled = step => pulled,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match pulled {
+                Ok((messages, next)) => {
+                    for message in messages {
+                        let done_offset = message.queue_offset.map(|o| o + 1);
+                        self.deliver(message).await;
+                        if let Some(done) = done_offset {
+                            self.offsets.set(&key, done);
+                        }
+                    }
+                    self.offsets.set(&key, next);
+                    offset = Some(next);
+                }
+                Err(e) => {
+                    tracing::warn!(%e, endpoint, "pull failed; trying again in 1 s");
+                    if e.is_endpoint_down() {
+                        self.transport.mark_down(&endpoint);
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the listener until it succeeds or the attempts are used up.
+    async fn deliver(&self, mut message: ReceivedMessage) {
+        for attempt in 1..=self.max_attempts {
+            message.delivery_attempt = attempt;
+            let result = tokio::spawn((self.listener)(message.clone())).await;
+            if matches!(result, Ok(ConsumeResult::Success)) {
+                return;
+            }
+            let wait = Duration::from_millis(100u64 << attempt.min(6));
+            tokio::time::sleep(wait).await;
+        }
+        tracing::warn!(message_id = %message.message_id, attempts = self.max_attempts, "a broadcast message failed every attempt; skipping it");
+    }
+
+    async fn start_offset(&self, queue: &MessageQueue, endpoint: &str) -> Result<i64> {
+        let policy = match self.start_from {
+            StartFrom::Latest => QueryOffsetPolicy::End,
+            StartFrom::Earliest => QueryOffsetPolicy::Beginning,
+        };
+        let timeout = self.transport.timeout();
+        let request = self.transport.request(
+            QueryOffsetRequest {
+                message_queue: Some(queue.clone()),
+                query_offset_policy: policy as i32,
+                timestamp: None,
+            },
+            Some(timeout),
+        );
+        let reply = self
+            .transport
+            .rpc(endpoint)?
+            .query_offset(request)
+            .await
+            .map_err(|s| Error::from_rpc(endpoint, timeout, &s))?
+            .into_inner();
+        Error::check(endpoint, reply.status.as_ref())?;
+        Ok(reply.offset)
+    }
+
+    async fn pull(
+        &self,
+        queue: &MessageQueue,
+        endpoint: &str,
+        offset: i64,
+    ) -> Result<(Vec<ReceivedMessage>, i64)> {
+        let timeout = self.long_polling + self.transport.timeout();
+        let request = self.transport.request(
+            PullMessageRequest {
+                group: resource(&self.group),
+                message_queue: Some(queue.clone()),
+                offset,
+                batch_size: 32,
+                filter_expression: Some(self.filter.wire()),
+                long_polling_timeout: Some(prost_duration(self.long_polling)),
+            },
+            Some(timeout),
+        );
+        let rpc_error = |s: tonic::Status| Error::from_rpc(endpoint, timeout, &s);
+        let mut stream = self
+            .transport
+            .rpc(endpoint)?
+            .pull_message(request)
+            .await
+            .map_err(rpc_error)?
+            .into_inner();
+        let (mut messages, mut next) = (Vec::new(), offset);
+        while let Some(frame) = stream.message().await.map_err(rpc_error)? {
+            match frame.content {
+                Some(Content::Status(s)) if s.code == Code::MessageNotFound as i32 => {}
+                Some(Content::Status(s)) => Error::check(endpoint, Some(&s))?,
+                Some(Content::Message(m)) => messages.push(ReceivedMessage::from_wire(endpoint, m)),
+                Some(Content::NextOffset(n)) => next = n,
+                None => {}
+            }
+        }
+        Ok((messages, next))
+    }
+
+    async fn save_loop(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let offsets = self.offsets.clone();
+            let saved = tokio::task::spawn_blocking(move || offsets.save()).await;
+            if let Ok(Err(e)) = saved {
+                tracing::warn!(%e, "could not save broadcast offsets");
+            }
+        }
+    }
+}
+
+/// A queue's key in the offset file: topic, broker name and queue id.
+fn queue_key(topic: &str, queue: &MessageQueue) -> String {
+    let broker = queue.broker.as_ref().map_or("", |b| b.name.as_str());
+    format!("{topic}\t{broker}\t{}", queue.id)
+}
+
+/// This instance's next offset per queue. The file has one `topic TAB broker TAB queue TAB
+/// offset` line per queue and is replaced whole (write, fsync, rename).
+struct Offsets {
+    path: Option<PathBuf>,
+    next: Mutex<(BTreeMap<String, i64>, bool)>,
+}
+
+impl Offsets {
+    fn load(path: Option<PathBuf>) -> Result<Offsets> {
+        let mut next = BTreeMap::new();
+        if let Some(path) = &path {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    for (n, line) in text.lines().enumerate() {
+                        let parsed = line
+                            .rsplit_once('\t')
+                            .and_then(|(key, offset)| Some((key, offset.parse::<i64>().ok()?)));
+                        let Some((key, offset)) = parsed else {
+                            return Err(Error::Config(format!(
+                                "offset file {}: line {} is not `topic<TAB>broker<TAB>queue<TAB>offset`",
+                                path.display(),
+                                n + 1
+                            )));
+                        };
+                        next.insert(key.to_owned(), offset);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::Config(format!(
+                        "cannot read offset file {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(Offsets {
+            path,
+            next: Mutex::new((next, false)),
+        })
+    }
+
+    fn get(&self, key: &str) -> Option<i64> {
+        self.next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .get(key)
+            .copied()
+    }
+
+    fn set(&self, key: &str, offset: i64) {
+        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        if next.0.get(key) != Some(&offset) {
+            next.0.insert(key.to_owned(), offset);
+            next.1 = true;
+        }
+    }
+
+    fn save(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let text = {
+            let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+            if !next.1 {
+                return Ok(());
+            }
+            next.1 = false;
+            next.0
+                .iter()
+                .map(|(key, offset)| format!("{key}\t{offset}\n"))
+                .collect::<String>()
+        };
+        write_atomically(path, text.as_bytes())
+            .map_err(|e| Error::Config(format!("cannot write offset file {}: {e}", path.display())))
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_survive_a_reload_and_a_bad_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offsets");
+        let offsets = Offsets::load(Some(path.clone())).unwrap();
+        offsets.set("t\tbroker-a\t0", 7);
+        offsets.set("t\tbroker-a\t1", 3);
+        offsets.save().unwrap();
+        let again = Offsets::load(Some(path.clone())).unwrap();
+        assert_eq!(again.get("t\tbroker-a\t0"), Some(7));
+        assert_eq!(again.get("t\tbroker-a\t1"), Some(3));
+        std::fs::write(&path, "t\tbroker-a\t0\tseven\n").unwrap();
+        let error = Offsets::load(Some(path)).err().unwrap().to_string();
+        assert!(error.contains("line 1"), "{error}");
+    }
+}

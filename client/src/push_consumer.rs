@@ -1,0 +1,411 @@
+//! The consumer that drives itself: it receives, calls the listener, and acks.
+//!
+//! - **Bounded concurrency**: a semaphore of `concurrency` permits; a receive asks for at most
+//!   as many messages as there are free permits, and each message holds one until acked.
+//! - **Lease renewal**: while the listener runs, the lease is extended every third of the
+//!   invisible duration, so slow work is not delivered twice.
+//! - **Failure**: the lease is shortened to the group's retry backoff; the broker delivers the
+//!   message again (or, after the group's last attempt, to its dead-letter queue).
+//! - **Ordered mode** (on by itself for FIFO groups): messages of one message group run one
+//!   after another in the order received. The broker gives out a group's next message only
+//!   after the previous one is acked, so order holds across retries too.
+//! - **Shutdown**: stops receiving, waits for running listeners, acks them, and leaves.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ferrumq_protocol::v2::{ClientType, retry_policy};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::config::ClientConfig;
+use crate::consumer::{Consumer, Filter};
+use crate::error::{Error, Result};
+use crate::message::ReceivedMessage;
+
+/// What the listener made of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumeResult {
+    /// Done: ack it.
+    Success,
+    /// Deliver it again after the group's retry backoff.
+    Failure,
+}
+
+type Listener = Arc<
+    dyn Fn(ReceivedMessage) -> Pin<Box<dyn Future<Output = ConsumeResult> + Send>> + Send + Sync,
+>;
+
+/// Configures a [`PushConsumer`].
+pub struct PushConsumerBuilder {
+    config: ClientConfig,
+    group: String,
+    subscriptions: Vec<(String, Filter)>,
+    concurrency: usize,
+    invisible: Duration,
+    long_polling: Duration,
+    ordered: Option<bool>,
+    listener: Option<Listener>,
+}
+
+impl PushConsumerBuilder {
+    #[must_use]
+    pub fn subscribe(mut self, topic: impl Into<String>, filter: Filter) -> PushConsumerBuilder {
+        self.subscriptions.push((topic.into(), filter));
+        self
+    }
+
+    /// The function called for each message; it may run `concurrency` times at once.
+    #[must_use]
+    pub fn listener<F, Fut>(mut self, listener: F) -> PushConsumerBuilder
+    where
+        F: Fn(ReceivedMessage) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ConsumeResult> + Send + 'static,
+    {
+        self.listener = Some(Arc::new(move |message| Box::pin(listener(message))));
+        self
+    }
+
+    /// Messages processed at once (16 by default).
+    #[must_use]
+    pub fn concurrency(mut self, concurrency: usize) -> PushConsumerBuilder {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// The lease taken on each message (30 s), renewed while the listener runs.
+    #[must_use]
+    pub fn invisible_duration(mut self, invisible: Duration) -> PushConsumerBuilder {
+        self.invisible = invisible;
+        self
+    }
+
+    /// How long a receive waits at the broker (5 s); also the longest a shutdown waits for
+    /// receives to return.
+    #[must_use]
+    pub fn long_polling(mut self, wait: Duration) -> PushConsumerBuilder {
+        self.long_polling = wait;
+        self
+    }
+
+    /// Processes a message group's messages one at a time, in order. Left unset, it follows
+    /// whether the broker says the group is FIFO.
+    #[must_use]
+    pub fn ordered(mut self, ordered: bool) -> PushConsumerBuilder {
+        self.ordered = Some(ordered);
+        self
+    }
+
+    /// Starts receiving.
+    pub async fn build(self) -> Result<PushConsumer> {
+        let listener = self.listener.ok_or_else(|| {
+            Error::Config("a push consumer needs a listener; set one with .listener(...)".into())
+        })?;
+        if self.concurrency == 0 {
+            return Err(Error::Config("concurrency must be at least 1".into()));
+        }
+        if self.invisible < Duration::from_millis(300) {
+            return Err(Error::Config(
+                "invisible_duration must be at least 300 ms".into(),
+            ));
+        }
+        let core = Consumer::start(
+            self.config,
+            self.group,
+            self.subscriptions,
+            ClientType::PushConsumer,
+        )
+        .await?;
+        let policy = core.subscription_settings().await;
+        let fifo = policy.as_ref().and_then(|(s, _)| s.fifo).unwrap_or(false);
+        let backoff = policy
+            .and_then(|(_, retry)| retry)
+            .and_then(|r| r.strategy)
+            .map_or_else(Backoff::default, Backoff::from_wire);
+        let (stop, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            core,
+            listener,
+            permits: Arc::new(Semaphore::new(self.concurrency)),
+            concurrency: self.concurrency,
+            invisible: self.invisible,
+            long_polling: self.long_polling,
+            ordered: self.ordered.unwrap_or(fifo),
+            backoff,
+            group_tails: Mutex::new(HashMap::new()),
+            stop,
+        });
+        let mut receivers = JoinSet::new();
+        for subscription in 0..inner.core.subscriptions.len() {
+            let topic = &inner.core.subscriptions[subscription].0;
+            for broker in inner.core.transport.route(topic).await?.brokers(false) {
+                receivers.spawn(inner.clone().receive_loop(subscription, broker));
+            }
+        }
+        Ok(PushConsumer { inner, receivers })
+    }
+}
+
+/// Calls a listener for each message of its subscriptions; see the [crate docs](crate).
+pub struct PushConsumer {
+    inner: Arc<Inner>,
+    receivers: JoinSet<()>,
+}
+
+struct Inner {
+    core: Arc<Consumer>,
+    listener: Listener,
+    permits: Arc<Semaphore>,
+    concurrency: usize,
+    invisible: Duration,
+    long_polling: Duration,
+    ordered: bool,
+    backoff: Backoff,
+    /// Ordered mode: per message group, a receiver that completes when the group's last
+    /// dispatched message is done.
+    group_tails: Mutex<HashMap<String, oneshot::Receiver<()>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl PushConsumer {
+    pub fn builder(config: ClientConfig, group: impl Into<String>) -> PushConsumerBuilder {
+        PushConsumerBuilder {
+            config,
+            group: group.into(),
+            subscriptions: Vec::new(),
+            concurrency: 16,
+            invisible: Duration::from_secs(30),
+            long_polling: Duration::from_secs(5),
+            ordered: None,
+            listener: None,
+        }
+    }
+
+    /// Whether messages of one group run in order (set, or because the group is FIFO).
+    pub fn is_ordered(&self) -> bool {
+        self.inner.ordered
+    }
+
+    /// Stops receiving, lets every running listener finish and its message be acked, then
+    /// tells the brokers this consumer leaves.
+    pub async fn shutdown(mut self) {
+        self.inner.stop.send_replace(true);
+        while self.receivers.join_next().await.is_some() {}
+        let all = u32::try_from(self.inner.concurrency).unwrap_or(u32::MAX);
+        let _ = self.inner.permits.acquire_many(all).await;
+        self.inner.core.close().await;
+    }
+}
+
+impl Drop for PushConsumer {
+    fn drop(&mut self) {
+        self.inner.stop.send_replace(true);
+        self.inner.core.telemetry.close();
+    }
+}
+
+impl Inner {
+    async fn receive_loop(self: Arc<Self>, subscription: usize, broker: String) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            let first = tokio::select! {
+                permit = self.permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let mut permits = vec![first];
+            while permits.len() < 32 {
+                match self.permits.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            let max = u32::try_from(permits.len()).unwrap_or(1);
+            let received = tokio::select! {
+                r = self.core.receive_from(subscription, &broker, max, self.invisible, self.long_polling) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match received {
+                Ok(messages) => {
+                    for (message, permit) in messages.into_iter().zip(permits) {
+                        self.clone().dispatch(message, permit);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%e, broker, "receive failed; trying again in 1 s");
+                    if e.is_endpoint_down() {
+                        self.core.transport.mark_down(&broker);
+                    }
+                    drop(permits);
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts processing; in ordered mode, after the same group's previous message.
+    fn dispatch(self: Arc<Self>, message: ReceivedMessage, permit: OwnedSemaphorePermit) {
+        let mut previous = None;
+        let mut done = None;
+        if self.ordered
+            && let Some(group) = &message.message_group
+        {
+            let (tx, rx) = oneshot::channel();
+            let mut tails = self
+                .group_tails
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if tails.len() > 4 * self.concurrency {
+                tails.retain(|_, tail| {
+                    matches!(tail.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+                });
+            }
+            previous = tails.insert(group.clone(), rx);
+            done = Some(tx);
+        }
+        tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            self.process(message).await;
+            drop(done);
+            drop(permit);
+        });
+    }
+
+    async fn process(&self, mut message: ReceivedMessage) {
+        let mut work = tokio::spawn((self.listener)(message.clone()));
+        let every = self.invisible / 3;
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let result = loop {
+            tokio::select! {
+                finished = &mut work => break finished.unwrap_or_else(|_| {
+                    tracing::warn!(message_id = %message.message_id, "the listener panicked; the message will be delivered again");
+                    ConsumeResult::Failure
+                }),
+                _ = renew.tick() => {
+                    if let Err(e) = self.core.change_invisible(&mut message, self.invisible).await {
+                        tracing::warn!(message_id = %message.message_id, %e, "could not renew a lease");
+                    }
+                }
+            }
+        };
+        let outcome = match result {
+            ConsumeResult::Success => self.ack(&message).await,
+            ConsumeResult::Failure => {
+                let retry_in = self.backoff.after(message.delivery_attempt);
+                self.core.change_invisible(&mut message, retry_in).await
+            }
+        };
+        if let Err(e) = outcome {
+            // The lease ends by itself and the message comes back: at least once.
+            tracing::warn!(message_id = %message.message_id, ?result, %e, "could not finish a message");
+        }
+    }
+
+    async fn ack(&self, message: &ReceivedMessage) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.core.ack(message).await {
+                Err(e) if e.is_retryable() && attempt < 2 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The wait before a failed message's next delivery, by attempt.
+#[derive(Debug, Clone)]
+enum Backoff {
+    Schedule(Vec<Duration>),
+    Exponential {
+        initial: Duration,
+        max: Duration,
+        multiplier: f32,
+    },
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff::Exponential {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl Backoff {
+    fn from_wire(strategy: retry_policy::Strategy) -> Backoff {
+        let duration = |d: Option<prost_types::Duration>| {
+            d.map_or(Duration::ZERO, |d| {
+                Duration::new(
+                    u64::try_from(d.seconds).unwrap_or(0),
+                    u32::try_from(d.nanos).unwrap_or(0),
+                )
+            })
+        };
+        match strategy {
+            retry_policy::Strategy::CustomizedBackoff(c) if !c.next.is_empty() => {
+                Backoff::Schedule(c.next.into_iter().map(|d| duration(Some(d))).collect())
+            }
+            retry_policy::Strategy::ExponentialBackoff(e) => Backoff::Exponential {
+                initial: duration(e.initial),
+                max: duration(e.max),
+                multiplier: e.multiplier.max(1.0),
+            },
+            retry_policy::Strategy::CustomizedBackoff(_) => Backoff::default(),
+        }
+    }
+
+    /// The wait after delivery `attempt` (1-based) failed.
+    fn after(&self, attempt: u32) -> Duration {
+        let index = attempt.saturating_sub(1);
+        match self {
+            Backoff::Schedule(steps) => {
+                let i = usize::try_from(index).unwrap_or(usize::MAX);
+                steps
+                    .get(i)
+                    .or(steps.last())
+                    .copied()
+                    .unwrap_or(Duration::from_secs(1))
+            }
+            Backoff::Exponential {
+                initial,
+                max,
+                multiplier,
+            } => {
+                let factor = multiplier.powi(i32::try_from(index.min(64)).unwrap_or(64));
+                initial.mul_f32(factor).min(*max)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_follows_the_schedule_then_stays_at_its_end() {
+        let schedule = Backoff::Schedule(vec![Duration::from_secs(1), Duration::from_secs(5)]);
+        assert_eq!(schedule.after(1), Duration::from_secs(1));
+        assert_eq!(schedule.after(2), Duration::from_secs(5));
+        assert_eq!(schedule.after(9), Duration::from_secs(5));
+        let exponential = Backoff::default();
+        assert_eq!(exponential.after(1), Duration::from_secs(1));
+        assert_eq!(exponential.after(3), Duration::from_secs(4));
+        assert_eq!(exponential.after(30), Duration::from_secs(60));
+    }
+}
