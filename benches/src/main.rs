@@ -4,10 +4,13 @@
 //!   fsync count and append latency (until durable, in `sync` mode).
 //! - `recovery`: fills a log, crashes a child process with SIGKILL, and times the reopen.
 //! - `machine`: the machine's own limits, to read the other figures against.
-//! - `produce`, `consume`, `e2e`: load against a running broker over the RocketMQ v2 protocol.
+//! - `produce`, `consume`, `e2e`: load against a running broker over the RocketMQ v2 protocol
+//!   (`--client raw|official|native`).
+//! - `nats`: acked publishes to NATS JetStream, the peer for `produce`.
 #![allow(clippy::print_stdout, reason = "a command-line tool prints its report")]
 
 mod machine;
+mod nats;
 mod network;
 mod null_server;
 mod recovery;
@@ -49,6 +52,8 @@ enum Command {
     Fifo(special::SpecialArgs),
     /// A MessagingService that stores nothing: the ceiling for `produce`.
     NullServer(null_server::NullServerArgs),
+    /// Acked publishes to NATS JetStream (file storage), C in flight.
+    Nats(nats::NatsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,5 +75,6 @@ fn main() -> anyhow::Result<()> {
         Command::Delay(args) => special::delay(&args),
         Command::Fifo(args) => special::fifo(&args),
         Command::NullServer(args) => null_server::run(&args),
+        Command::Nats(args) => nats::run(&args),
     }
 }

@@ -35,6 +35,10 @@ pub(crate) enum ClientKind {
     Raw,
     /// The official Apache RocketMQ Rust client 5.0.0.
     Official,
+    /// ferrumq-client: C tasks each call `send_batch` with B messages, or with `--batch 1`
+    /// `send`, whose concurrent calls share `--requests` requests in flight; consume
+    /// receives B and acks them with one `ack_all`.
+    Native,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -60,6 +64,10 @@ pub(crate) struct NetArgs {
     pub(crate) batch: usize,
     #[arg(long, value_enum, default_value_t = ClientKind::Raw)]
     pub(crate) client: ClientKind,
+    /// `--client native` only: the producer's requests in flight, which the C concurrent
+    /// sends share.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) requests: usize,
     /// e2e only: messages per second the producer sends.
     #[arg(long, default_value_t = 2000)]
     pub(crate) rate: u64,
@@ -129,6 +137,7 @@ pub(crate) fn produce(args: &NetArgs) -> anyhow::Result<()> {
         let (elapsed, histogram) = match args.client {
             ClientKind::Raw => produce_raw(args).await?,
             ClientKind::Official => produce_official(args).await?,
+            ClientKind::Native => produce_native(args).await?,
         };
         let mut report = Report::default();
         let seconds = elapsed.as_secs_f64();
@@ -250,6 +259,44 @@ async fn produce_official(args: &NetArgs) -> anyhow::Result<(Duration, Histogram
     .await
 }
 
+async fn produce_native(args: &NetArgs) -> anyhow::Result<(Duration, Histogram<u64>)> {
+    use ferrumq_client::{ClientConfig, Message, Producer};
+    let producer = Producer::builder(ClientConfig::new(args.endpoint.clone()))
+        .topics([args.topic.clone()])
+        .max_in_flight_requests(args.requests)
+        .build()
+        .await?;
+    let producer = Arc::new(producer);
+    let next = Arc::new(AtomicU64::new(0));
+    let body = bytes::Bytes::from(vec![b'x'; args.size]);
+    run_tasks(args.concurrency, || {
+        let (producer, next, body, args) =
+            (producer.clone(), next.clone(), body.clone(), args.clone());
+        async move {
+            let mut local = new_histogram()?;
+            loop {
+                let first = next.fetch_add(args.batch as u64, Ordering::Relaxed);
+                if first >= args.count {
+                    break;
+                }
+                let n = (args.count - first).min(args.batch as u64);
+                let message = || Message::new(args.topic.as_str(), body.clone());
+                let sent = Instant::now();
+                if n == 1 {
+                    producer.send(message()).await?;
+                } else {
+                    producer
+                        .send_batch((0..n).map(|_| message()).collect())
+                        .await?;
+                }
+                local.record(micros_since(sent))?;
+            }
+            Ok(local)
+        }
+    })
+    .await
+}
+
 /// Creates the topic (if new) and a group that reads it from the start.
 async fn prepare(endpoint: &str, topic: &str, group: &str) -> anyhow::Result<()> {
     let mut admin = AdminServiceClient::connect(format!("http://{endpoint}")).await?;
@@ -356,40 +403,82 @@ pub(crate) async fn ack(
 pub(crate) fn consume(args: &NetArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         prepare(&args.endpoint, &args.topic, &args.group).await?;
-        let client = connect(&args.endpoint).await?;
         let received = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..args.concurrency {
-            let (mut client, received, args) = (client.clone(), received.clone(), args.clone());
-            tasks.push(tokio::spawn(async move {
-                while received.load(Ordering::Relaxed) < args.count {
-                    let messages = receive(&mut client, &args, Duration::from_secs(1)).await?;
-                    if messages.is_empty() {
-                        break;
-                    }
-                    ack(&mut client, &args, &messages).await?;
-                    received.fetch_add(messages.len() as u64, Ordering::Relaxed);
-                }
-                Ok::<(), anyhow::Error>(())
-            }));
-        }
-        for task in tasks {
-            task.await??;
+        match args.client {
+            ClientKind::Native => consume_native(args, &received).await?,
+            _ => consume_raw(args, &received).await?,
         }
         let seconds = start.elapsed().as_secs_f64();
         let n = received.load(Ordering::Relaxed);
         let mut report = Report::default();
         report
             .add("mode", "consume")
+            .add("client", format!("{:?}", args.client).to_lowercase())
             .add("messages", n)
             .add("batch", args.batch as u64)
             .add("concurrency", args.concurrency as u64)
             .add("seconds", seconds)
-            .add("messages_per_sec", n as f64 / seconds);
+            .add("messages_per_sec", n as f64 / seconds)
+            .add("mb_per_sec", (n as f64 * args.size as f64) / seconds / 1e6);
         report.print(args.format);
         Ok(())
     })
+}
+
+/// C receivers: receive up to B, ack them in one request, until a receive comes back empty.
+async fn consume_raw(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Result<()> {
+    let client = connect(&args.endpoint).await?;
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (mut client, received, args) = (client.clone(), received.clone(), args.clone());
+        tasks.push(tokio::spawn(async move {
+            while received.load(Ordering::Relaxed) < args.count {
+                let messages = receive(&mut client, &args, Duration::from_secs(1)).await?;
+                if messages.is_empty() {
+                    break;
+                }
+                ack(&mut client, &args, &messages).await?;
+                received.fetch_add(messages.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// The same loop through ferrumq-client's SimpleConsumer.
+async fn consume_native(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Result<()> {
+    use ferrumq_client::{ClientConfig, Filter, SimpleConsumer};
+    let consumer = SimpleConsumer::builder(ClientConfig::new(args.endpoint.clone()), &args.group)
+        .subscribe(args.topic.clone(), Filter::all())
+        .long_polling(Duration::from_secs(1))
+        .build()
+        .await?;
+    let consumer = Arc::new(consumer);
+    let max = u32::try_from(args.batch).unwrap_or(32);
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (consumer, received, count) = (consumer.clone(), received.clone(), args.count);
+        tasks.push(tokio::spawn(async move {
+            while received.load(Ordering::Relaxed) < count {
+                let messages = consumer.receive(max, Duration::from_secs(30)).await?;
+                if messages.is_empty() {
+                    break;
+                }
+                consumer.ack_all(&messages).await?;
+                received.fetch_add(messages.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
 }
 
 fn now_us() -> u64 {

@@ -193,29 +193,44 @@ impl Consumer {
     }
 
     pub(crate) async fn ack(&self, message: &ReceivedMessage) -> Result<()> {
-        let endpoint = &message.endpoint;
+        self.ack_all(std::slice::from_ref(message)).await
+    }
+
+    /// Acks many messages, one request per broker and topic.
+    pub(crate) async fn ack_all(&self, messages: &[ReceivedMessage]) -> Result<()> {
+        let mut requests: Vec<(&str, &str, Vec<AckMessageEntry>)> = Vec::new();
+        for message in messages {
+            let entry = AckMessageEntry {
+                message_id: message.message_id.clone(),
+                receipt_handle: message.handle()?.to_owned(),
+            };
+            let key = (message.endpoint.as_str(), message.topic.as_str());
+            match requests.iter_mut().find(|(e, t, _)| (*e, *t) == key) {
+                Some((_, _, entries)) => entries.push(entry),
+                None => requests.push((key.0, key.1, vec![entry])),
+            }
+        }
         let timeout = self.transport.timeout();
-        let request = self.transport.request(
-            AckMessageRequest {
-                group: resource(&self.group),
-                topic: resource(&message.topic),
-                entries: vec![AckMessageEntry {
-                    message_id: message.message_id.clone(),
-                    receipt_handle: message.handle()?.to_owned(),
-                }],
-            },
-            Some(timeout),
-        );
-        let reply = self
-            .transport
-            .rpc(endpoint)?
-            .ack_message(request)
-            .await
-            .map_err(|s| Error::from_rpc(endpoint, timeout, &s))?
-            .into_inner();
-        Error::check(endpoint, reply.status.as_ref())?;
-        for entry in &reply.entries {
-            Error::check(endpoint, entry.status.as_ref())?;
+        for (endpoint, topic, entries) in requests {
+            let request = self.transport.request(
+                AckMessageRequest {
+                    group: resource(&self.group),
+                    topic: resource(topic),
+                    entries,
+                },
+                Some(timeout),
+            );
+            let reply = self
+                .transport
+                .rpc(endpoint)?
+                .ack_message(request)
+                .await
+                .map_err(|s| Error::from_rpc(endpoint, timeout, &s))?
+                .into_inner();
+            Error::check(endpoint, reply.status.as_ref())?;
+            for entry in &reply.entries {
+                Error::check(endpoint, entry.status.as_ref())?;
+            }
         }
         Ok(())
     }

@@ -87,6 +87,12 @@ impl SimpleConsumer {
         self.core.ack(message).await
     }
 
+    /// Finishes many messages with one request per broker and topic. On an error, some may
+    /// be acked and some not; the rest come back when their lease ends.
+    pub async fn ack_all(&self, messages: &[ReceivedMessage]) -> Result<()> {
+        self.core.ack_all(messages).await
+    }
+
     /// Ends the lease `invisible` from now instead (sooner to retry early, later to keep
     /// working); `message` carries the new receipt handle for its ack.
     pub async fn change_invisible_duration(

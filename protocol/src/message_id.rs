@@ -14,14 +14,14 @@ const ID_EPOCH: Duration = Duration::from_secs(1_609_459_200);
 /// A new message id, unique across processes with overwhelming likelihood.
 pub fn new_message_id() -> String {
     static SEQUENCE: AtomicU32 = AtomicU32::new(0);
-    static NODE: OnceLock<u64> = OnceLock::new();
+    static NODE_AND_PID: OnceLock<(u64, u32)> = OnceLock::new();
     // The standard library seeds each `RandomState` randomly: 48 random bits stand in for
     // the MAC address, which the standard library cannot read.
-    let node = *NODE.get_or_init(|| {
-        std::collections::hash_map::RandomState::new()
+    let (node, pid) = *NODE_AND_PID.get_or_init(|| {
+        let node = std::collections::hash_map::RandomState::new()
             .build_hasher()
-            .finish()
-            & 0xFFFF_FFFF_FFFF
+            .finish();
+        (node & 0xFFFF_FFFF_FFFF, std::process::id() & 0xFFFF)
     });
     let seconds = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -29,7 +29,6 @@ pub fn new_message_id() -> String {
         .saturating_sub(ID_EPOCH)
         .as_secs()
         & 0xFFFF_FFFF;
-    let pid = std::process::id() & 0xFFFF;
     let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
     format!("01{node:012X}{pid:04X}{seconds:08X}{sequence:08X}")
 }
