@@ -10,36 +10,25 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{consumer, create_group, producer, receive_n, start, tag};
-use ferrumq_nameserver::{NameServer, RouteTable};
+use ferrumq_nameserver::NameServer;
 use ferrumq_protocol::cluster::ListBrokersRequest;
 use ferrumq_protocol::cluster::cluster_service_client::ClusterServiceClient;
-use ferrumq_protocol::cluster::cluster_service_server::ClusterServiceServer;
 use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
-use ferrumq_protocol::v2::messaging_service_server::MessagingServiceServer;
 use ferrumq_protocol::v2::{Code, QueryRouteRequest, Resource};
 use rocketmq::model::message::MessageBuilder;
 
 async fn start_nameserver(expiry: Duration) -> SocketAddr {
-    let routes = Arc::new(RouteTable::new(expiry));
-    NameServer::spawn_expiry(&routes, Duration::from_millis(50));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let heartbeat = Duration::from_millis(200);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ClusterServiceServer::new(NameServer::new(
-                routes.clone(),
-                heartbeat,
-            )))
-            .add_service(MessagingServiceServer::new(NameServer::new(
-                routes, heartbeat,
-            )))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    tokio::spawn(NameServer::serve(
+        listener,
+        expiry,
+        Duration::from_millis(200),
+        std::future::pending(),
+    ));
     addr
 }
 

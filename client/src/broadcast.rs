@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -26,7 +25,7 @@ use crate::config::ClientConfig;
 use crate::consumer::Filter;
 use crate::error::{Error, Result};
 use crate::message::ReceivedMessage;
-use crate::push_consumer::ConsumeResult;
+use crate::push_consumer::{ConsumeResult, Listener};
 use crate::telemetry::prost_duration;
 use crate::transport::{Transport, queue_endpoint, resource};
 
@@ -38,10 +37,6 @@ pub enum StartFrom {
     /// Everything the broker still holds.
     Earliest,
 }
-
-type Listener = Arc<
-    dyn Fn(ReceivedMessage) -> Pin<Box<dyn Future<Output = ConsumeResult> + Send>> + Send + Sync,
->;
 
 /// Configures a [`BroadcastConsumer`].
 pub struct BroadcastConsumerBuilder {

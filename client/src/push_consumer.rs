@@ -35,7 +35,8 @@ pub enum ConsumeResult {
     Failure,
 }
 
-type Listener = Arc<
+/// The application's function for each message, shared by the push and broadcast consumers.
+pub(crate) type Listener = Arc<
     dyn Fn(ReceivedMessage) -> Pin<Box<dyn Future<Output = ConsumeResult> + Send>> + Send + Sync,
 >;
 

@@ -446,25 +446,14 @@ async fn broadcast_gives_every_instance_every_message_and_resumes_from_its_offse
 }
 
 async fn start_nameserver() -> std::net::SocketAddr {
-    use ferrumq_nameserver::{NameServer, RouteTable};
-    use ferrumq_protocol::cluster::cluster_service_server::ClusterServiceServer;
-    use ferrumq_protocol::v2::messaging_service_server::MessagingServiceServer;
-    let routes = Arc::new(RouteTable::new(Duration::from_millis(1000)));
-    NameServer::spawn_expiry(&routes, Duration::from_millis(50));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let heartbeat = Duration::from_millis(200);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ClusterServiceServer::new(NameServer::new(
-                routes.clone(),
-                heartbeat,
-            )))
-            .add_service(MessagingServiceServer::new(NameServer::new(
-                routes, heartbeat,
-            )))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    tokio::spawn(ferrumq_nameserver::NameServer::serve(
+        listener,
+        Duration::from_millis(1000),
+        Duration::from_millis(200),
+        std::future::pending(),
+    ));
     addr
 }
 

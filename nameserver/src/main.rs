@@ -1,14 +1,11 @@
 //! `ferrumq-nameserver`: the route table of a ferrumq cluster.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use ferrumq_nameserver::{NameServer, RouteTable};
-use ferrumq_protocol::cluster::cluster_service_server::ClusterServiceServer;
-use ferrumq_protocol::v2::messaging_service_server::MessagingServiceServer;
+use ferrumq_nameserver::NameServer;
 
 #[derive(Parser)]
 #[command(
@@ -40,33 +37,19 @@ async fn main() -> anyhow::Result<()> {
         args.broker_expiry_ms > args.heartbeat_interval_ms,
         "--broker-expiry-ms must be above --heartbeat-interval-ms"
     );
-    let routes = Arc::new(RouteTable::new(Duration::from_millis(
-        args.broker_expiry_ms,
-    )));
-    NameServer::spawn_expiry(
-        &routes,
-        Duration::from_millis(args.broker_expiry_ms / 4).max(Duration::from_millis(10)),
-    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     tracing::info!(%local, "nameserver listening");
-    let heartbeat = Duration::from_millis(args.heartbeat_interval_ms);
-    tonic::transport::Server::builder()
-        .add_service(ClusterServiceServer::new(NameServer::new(
-            routes.clone(),
-            heartbeat,
-        )))
-        .add_service(MessagingServiceServer::new(NameServer::new(
-            routes, heartbeat,
-        )))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
-        .await?;
+    NameServer::serve(
+        listener,
+        Duration::from_millis(args.broker_expiry_ms),
+        Duration::from_millis(args.heartbeat_interval_ms),
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    )
+    .await?;
     Ok(())
 }

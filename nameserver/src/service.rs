@@ -52,6 +52,33 @@ impl NameServer {
         });
     }
 
+    /// Serves ClusterService and MessagingService on `listener` until `shutdown` completes:
+    /// brokers silent for `expiry` are dropped, and are told to heartbeat every `heartbeat`.
+    pub async fn serve(
+        listener: tokio::net::TcpListener,
+        expiry: Duration,
+        heartbeat: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        use ferrumq_protocol::cluster::cluster_service_server::ClusterServiceServer;
+        use ferrumq_protocol::v2::messaging_service_server::MessagingServiceServer;
+        let routes = Arc::new(RouteTable::new(expiry));
+        NameServer::spawn_expiry(&routes, (expiry / 4).max(Duration::from_millis(10)));
+        tonic::transport::Server::builder()
+            .add_service(ClusterServiceServer::new(NameServer::new(
+                routes.clone(),
+                heartbeat,
+            )))
+            .add_service(MessagingServiceServer::new(NameServer::new(
+                routes, heartbeat,
+            )))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
+            .await
+    }
+
     /// Asks each live broker that creates topics on demand to create `topic`, and adds the
     /// result to the routes until the broker's next registration lists it.
     async fn create_on_brokers(&self, topic: &str) -> bool {
