@@ -135,6 +135,14 @@ impl BroadcastConsumerBuilder {
         for queue in &route.queues {
             let readable = queue.permission != ferrumq_protocol::v2::Permission::Write as i32;
             if readable && let Some(endpoint) = queue_endpoint(queue) {
+                // The start is fixed now, so a message sent once `build` returns is received.
+                // A broker that does not answer is asked again by the pull loop.
+                let key = queue_key(&inner.topic, queue);
+                if inner.offsets.get(&key).is_none()
+                    && let Ok(start) = inner.start_offset(queue, &endpoint).await
+                {
+                    inner.offsets.set(&key, start);
+                }
                 tasks.spawn(inner.clone().pull_loop(queue.clone(), endpoint));
             }
         }
@@ -214,13 +222,19 @@ impl Inner {
             };
             match pulled {
                 Ok((messages, next)) => {
+                    let mut done = offset.unwrap_or(0);
                     for message in messages {
-                        let done_offset = message.queue_offset.map(|o| o + 1);
-                        self.deliver(message).await;
-                        if let Some(done) = done_offset {
+                        let after = message.queue_offset.map(|o| o + 1);
+                        if !self.deliver(message, &mut stop).await {
+                            return;
+                        }
+                        if let Some(after) = after {
+                            done = done.max(after);
                             self.offsets.set(&key, done);
                         }
                     }
+                    // Never backwards, even from a broker that left out the next offset.
+                    let next = next.max(done);
                     self.offsets.set(&key, next);
                     offset = Some(next);
                 }
@@ -238,18 +252,27 @@ impl Inner {
         }
     }
 
-    /// Runs the listener until it succeeds or the attempts are used up.
-    async fn deliver(&self, mut message: ReceivedMessage) {
+    /// Runs the listener until it succeeds or the attempts are used up (true), or until a
+    /// shutdown stops the retries (false: the message is not done, and its offset stays).
+    async fn deliver(
+        &self,
+        mut message: ReceivedMessage,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
         for attempt in 1..=self.max_attempts {
             message.delivery_attempt = attempt;
             let result = tokio::spawn((self.listener)(message.clone())).await;
             if matches!(result, Ok(ConsumeResult::Success)) {
-                return;
+                return true;
             }
             let wait = Duration::from_millis(100u64 << attempt.min(6));
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|s| *s) => return false,
+            }
         }
         tracing::warn!(message_id = %message.message_id, attempts = self.max_attempts, "a broadcast message failed every attempt; skipping it");
+        true
     }
 
     async fn start_offset(&self, queue: &MessageQueue, endpoint: &str) -> Result<i64> {
@@ -412,8 +435,11 @@ impl Offsets {
                 .map(|(key, offset)| format!("{key}\t{offset}\n"))
                 .collect::<String>()
         };
-        write_atomically(path, text.as_bytes())
-            .map_err(|e| Error::Config(format!("cannot write offset file {}: {e}", path.display())))
+        write_atomically(path, text.as_bytes()).map_err(|e| {
+            // Still to be written: the next save tries again.
+            self.next.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
+            Error::Config(format!("cannot write offset file {}: {e}", path.display()))
+        })
     }
 }
 

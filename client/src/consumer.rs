@@ -18,6 +18,12 @@ use crate::message::ReceivedMessage;
 use crate::telemetry::{Telemetry, prost_duration};
 use crate::transport::{Transport, endpoints, resource};
 
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.telemetry.close();
+    }
+}
+
 /// Which messages of a topic a consumer wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Filter {

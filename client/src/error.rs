@@ -89,7 +89,14 @@ impl Error {
             },
             code => Error::Broker {
                 endpoint: endpoint.to_owned(),
-                code: Code::InternalError as i32,
+                code: match code {
+                    tonic::Code::ResourceExhausted => Code::TooManyRequests,
+                    tonic::Code::Unauthenticated => Code::Unauthorized,
+                    tonic::Code::PermissionDenied => Code::Forbidden,
+                    tonic::Code::Unimplemented => Code::NotImplemented,
+                    tonic::Code::Internal | tonic::Code::DataLoss => Code::InternalError,
+                    _ => Code::BadRequest,
+                } as i32,
                 message: format!("gRPC {code:?}: {}", status.message()),
             },
         }

@@ -129,6 +129,8 @@
 //! let consumer = PushConsumer::builder(ClientConfig::new(access_point), "shipping")
 //!     .subscribe("orders", Filter::all())
 //!     .concurrency(32)
+//!     // A shutdown lets the receive under way finish: this bounds how long that takes.
+//!     .long_polling(std::time::Duration::from_secs(1))
 //!     .listener(|message| async move {
 //!         match std::str::from_utf8(&message.body) {
 //!             Ok(_order) => ConsumeResult::Success,

@@ -245,7 +245,11 @@ impl ReceivedMessage {
     pub(crate) fn from_wire(endpoint: &str, message: v2::Message) -> ReceivedMessage {
         let system = message.system_properties.unwrap_or_default();
         let ms = |t: Option<prost_types::Timestamp>| {
-            t.map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
+            t.map(|t| {
+                t.seconds
+                    .saturating_mul(1000)
+                    .saturating_add(i64::from(t.nanos / 1_000_000))
+            })
         };
         ReceivedMessage {
             message_id: system.message_id,

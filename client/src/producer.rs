@@ -354,6 +354,12 @@ impl Drop for Producer {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.telemetry.close();
+    }
+}
+
 impl Inner {
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {

@@ -9,7 +9,8 @@
 //! - **Ordered mode** (on by itself for FIFO groups): messages of one message group run one
 //!   after another in the order received. The broker gives out a group's next message only
 //!   after the previous one is acked, so order holds across retries too.
-//! - **Shutdown**: stops receiving, waits for running listeners, acks them, and leaves.
+//! - **Shutdown**: stops receiving (a receive under way is finished and its messages
+//!   processed), waits for running listeners, acks them, and leaves.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -227,10 +228,18 @@ impl Inner {
                 }
             }
             let max = u32::try_from(permits.len()).unwrap_or(1);
-            let received = tokio::select! {
-                r = self.core.receive_from(subscription, &broker, max, self.invisible, self.long_polling) => r,
-                _ = stop.wait_for(|s| *s) => return,
-            };
+            // Not cut short by a shutdown: messages the broker leased for this receive are
+            // processed, instead of staying invisible until their lease ends.
+            let received = self
+                .core
+                .receive_from(
+                    subscription,
+                    &broker,
+                    max,
+                    self.invisible,
+                    self.long_polling,
+                )
+                .await;
             match received {
                 Ok(messages) => {
                     for (message, permit) in messages.into_iter().zip(permits) {
@@ -273,30 +282,33 @@ impl Inner {
             done = Some(tx);
         }
         tokio::spawn(async move {
-            if let Some(previous) = previous {
-                let _ = previous.await;
-            }
-            self.process(message).await;
+            self.process(message, previous).await;
             drop(done);
             drop(permit);
         });
     }
 
-    async fn process(&self, mut message: ReceivedMessage) {
-        let mut work = tokio::spawn((self.listener)(message.clone()));
+    /// Waits for `previous` (the same group's earlier message), runs the listener, and acks
+    /// or reschedules; the lease is renewed throughout.
+    async fn process(&self, mut message: ReceivedMessage, previous: Option<oneshot::Receiver<()>>) {
         let every = self.invisible / 3;
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        if let Some(mut previous) = previous {
+            loop {
+                tokio::select! {
+                    _ = &mut previous => break,
+                    _ = renew.tick() => self.renew(&mut message).await,
+                }
+            }
+        }
+        let mut work = tokio::spawn((self.listener)(message.clone()));
         let result = loop {
             tokio::select! {
                 finished = &mut work => break finished.unwrap_or_else(|_| {
                     tracing::warn!(message_id = %message.message_id, "the listener panicked; the message will be delivered again");
                     ConsumeResult::Failure
                 }),
-                _ = renew.tick() => {
-                    if let Err(e) = self.core.change_invisible(&mut message, self.invisible).await {
-                        tracing::warn!(message_id = %message.message_id, %e, "could not renew a lease");
-                    }
-                }
+                _ = renew.tick() => self.renew(&mut message).await,
             }
         };
         let outcome = match result {
@@ -309,6 +321,12 @@ impl Inner {
         if let Err(e) = outcome {
             // The lease ends by itself and the message comes back: at least once.
             tracing::warn!(message_id = %message.message_id, ?result, %e, "could not finish a message");
+        }
+    }
+
+    async fn renew(&self, message: &mut ReceivedMessage) {
+        if let Err(e) = self.core.change_invisible(message, self.invisible).await {
+            tracing::warn!(message_id = %message.message_id, %e, "could not renew a lease");
         }
     }
 
@@ -387,8 +405,10 @@ impl Backoff {
                 max,
                 multiplier,
             } => {
-                let factor = multiplier.powi(i32::try_from(index.min(64)).unwrap_or(64));
-                initial.mul_f32(factor).min(*max)
+                let exponent = i32::try_from(index.min(64)).unwrap_or(64);
+                let factor = f64::from(*multiplier).powi(exponent);
+                Duration::try_from_secs_f64(initial.as_secs_f64() * factor)
+                    .map_or(*max, |d| d.min(*max))
             }
         }
     }
@@ -408,5 +428,12 @@ mod tests {
         assert_eq!(exponential.after(1), Duration::from_secs(1));
         assert_eq!(exponential.after(3), Duration::from_secs(4));
         assert_eq!(exponential.after(30), Duration::from_secs(60));
+        assert_eq!(exponential.after(u32::MAX), Duration::from_secs(60));
+        let huge = Backoff::Exponential {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            multiplier: f32::MAX,
+        };
+        assert_eq!(huge.after(3), Duration::from_secs(60));
     }
 }

@@ -55,6 +55,12 @@ impl SimpleConsumerBuilder {
     }
 }
 
+impl Drop for SimpleConsumer {
+    fn drop(&mut self) {
+        self.core.telemetry.close();
+    }
+}
+
 impl SimpleConsumer {
     pub fn builder(config: ClientConfig, group: impl Into<String>) -> SimpleConsumerBuilder {
         SimpleConsumerBuilder {

@@ -227,8 +227,9 @@ impl Transport {
             .insert(endpoint.to_owned(), Instant::now() + self.config.down_for);
     }
 
-    /// `endpoints` rotated to start at `start` (a FIFO message group's broker) or else by a
-    /// shared counter (spreading load), with those marked down moved to the end.
+    /// `endpoints` rotated to start at `start` (a FIFO message group's broker, kept first
+    /// even when down) or else by a shared counter (spreading load), with those marked down
+    /// moved to the end.
     pub(crate) fn in_preference_order(
         &self,
         mut endpoints: Vec<String>,
@@ -244,6 +245,11 @@ impl Transport {
             };
             let len = endpoints.len();
             endpoints.rotate_left(turn % len);
+        }
+        if start.is_some() {
+            // A FIFO group stays on its broker even while it is down: moving it to another
+            // would let its later messages overtake the earlier ones still there.
+            return endpoints;
         }
         let down = self
             .down_until
@@ -312,7 +318,7 @@ mod tests {
             transport
                 .in_preference_order(vec!["c:1".into(), "a:1".into(), "b:1".into()], Some(start))
         };
-        assert_eq!(sticky(0), ["a:1", "c:1", "b:1"]);
-        assert_eq!(sticky(5), ["c:1", "a:1", "b:1"]);
+        assert_eq!(sticky(0), ["a:1", "b:1", "c:1"]);
+        assert_eq!(sticky(4), ["b:1", "c:1", "a:1"]);
     }
 }

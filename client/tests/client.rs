@@ -71,12 +71,12 @@ async fn every_message_type_round_trips() -> Result<(), AnyError> {
         create_topic(&ap, topic, 4, &[kind]).await;
         create_group(&ap, &format!("g-{topic}"), 16, &[], topic == "ordered").await;
     }
-    let checks = Arc::new(AtomicUsize::new(0));
-    let seen = checks.clone();
+    let checked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let seen = checked.clone();
     let producer = Producer::builder(ClientConfig::new(&ap))
         .topics(["plain", "later", "ordered", "pay"])
         .transaction_checker(move |message: ReceivedMessage| {
-            seen.fetch_add(1, Ordering::SeqCst);
+            seen.lock().unwrap().extend(message.keys.iter().cloned());
             async move {
                 if message.keys.iter().any(|k| k == "check-commit") {
                     TransactionResolution::Commit
@@ -130,14 +130,21 @@ async fn every_message_type_round_trips() -> Result<(), AnyError> {
         .send(Message::new("later", "due").deliver_at(due))
         .await?;
     let recalled = producer
-        .send(Message::new("later", "recalled").deliver_after(Duration::from_millis(1200)))
+        .send(Message::new("later", "recalled").deliver_after(Duration::from_millis(2500)))
         .await?;
     producer.recall(&recalled).await?;
     let consumer = simple(&ap, "g-later", "later").await;
-    let got = receive_n(&consumer, 2, Duration::from_secs(4)).await;
+    let got = receive_n(&consumer, 1, Duration::from_secs(5)).await;
+    let arrived = SystemTime::now();
     assert_eq!(got.iter().map(text).collect::<Vec<_>>(), ["due"]);
-    assert!(SystemTime::now() >= due);
+    assert!(arrived >= due, "delivered before its time");
     assert!(got[0].delivery_time.is_some());
+    // Past the recalled message's time: it never comes.
+    assert!(
+        receive_n(&consumer, 1, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
 
     // FIFO: each group's messages in the order sent.
     for i in 0..5 {
@@ -185,7 +192,9 @@ async fn every_message_type_round_trips() -> Result<(), AnyError> {
     let mut bodies: Vec<String> = got.iter().map(text).collect();
     bodies.sort();
     assert_eq!(bodies, ["checked in", "committed"]);
-    assert!(checks.load(Ordering::SeqCst) >= 2);
+    // The rolled-back one was not just left unchecked: the checker saw both.
+    let both = HashSet::from(["check-commit".to_owned(), "check-rollback".to_owned()]);
+    assert!(wait_until(Duration::from_secs(10), || *checked.lock().unwrap() == both).await);
     assert!(
         receive_n(&consumer, 1, Duration::from_secs(2))
             .await
@@ -228,7 +237,7 @@ async fn push_consumer_under_load_renews_leases_retries_and_finishes_work_on_shu
     let consumer = PushConsumer::builder(ClientConfig::new(&ap), "workers")
         .subscribe("load", Filter::all())
         .concurrency(16)
-        .invisible_duration(Duration::from_millis(1500))
+        .invisible_duration(Duration::from_secs(3))
         .long_polling(Duration::from_millis(500))
         .listener(move |message: ReceivedMessage| {
             let (log, started, done) = (log.clone(), started.clone(), done.clone());
@@ -241,8 +250,8 @@ async fn push_consumer_under_load_renews_leases_retries_and_finishes_work_on_shu
                     .push(message.delivery_attempt);
                 started.fetch_add(1, Ordering::SeqCst);
                 let result = if body.starts_with("slow") {
-                    // Far past the 1.5 s lease: only renewal keeps it from a second delivery.
-                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    // Far past the 3 s lease: only renewal keeps it from a second delivery.
+                    tokio::time::sleep(Duration::from_secs(7)).await;
                     ConsumeResult::Success
                 } else if body.starts_with("fail-once") && message.delivery_attempt == 1 {
                     ConsumeResult::Failure
@@ -265,8 +274,8 @@ async fn push_consumer_under_load_renews_leases_retries_and_finishes_work_on_shu
     })
     .await;
     assert!(all_done, "not every message was processed");
-    // Two seconds more: a lease that lapsed would show up as a second delivery.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Longer than a lease: one that lapsed would show up as a second delivery.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     for (body, attempts) in calls.lock().unwrap().iter() {
         if body.starts_with("fail-once") {
             assert_eq!(attempts, &[1, 2], "{body}");
@@ -292,7 +301,7 @@ async fn push_consumer_under_load_renews_leases_retries_and_finishes_work_on_shu
     assert_eq!(finished.load(Ordering::SeqCst), 2000 + 5 + 4);
     let after = simple(&ap, "workers", "load").await;
     assert!(
-        receive_n(&after, 1, Duration::from_secs(3))
+        receive_n(&after, 1, Duration::from_secs(5))
             .await
             .is_empty()
     );
@@ -581,11 +590,33 @@ async fn mistakes_are_refused_with_what_to_do() -> Result<(), AnyError> {
     );
     let empty = producer.send(Message::new("plain", "")).await.unwrap_err();
     assert!(empty.to_string().contains("body is empty"), "{empty}");
-    // A bad message among good ones sent at the same moment fails alone.
-    let (good, bad) = tokio::join!(
-        producer.send(Message::new("plain", "fine")),
-        producer.send(Message::new("plain", "grouped").with_message_group("g")),
+    // A bad message among good ones sent at the same moment fails alone: with one request
+    // in flight they share requests, which the broker refuses whole, and the producer sends
+    // their messages again one by one.
+    let shared = Arc::new(
+        Producer::builder(ClientConfig::new(&ap))
+            .max_in_flight_requests(1)
+            .build()
+            .await?,
     );
-    assert!(good.is_ok() && bad.is_err());
+    let sends: Vec<_> = (0..20)
+        .map(|i| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let message = Message::new("plain", format!("m{i}"));
+                // A delivery time makes it DELAY, which the NORMAL topic refuses.
+                let message = if i == 10 {
+                    message.deliver_after(Duration::from_secs(1))
+                } else {
+                    message
+                };
+                shared.send(message).await
+            })
+        })
+        .collect();
+    for (i, send) in sends.into_iter().enumerate() {
+        let result = send.await?;
+        assert_eq!(result.is_err(), i == 10, "message {i}: {result:?}");
+    }
     Ok(())
 }
