@@ -10,7 +10,9 @@
 //! - [`BroadcastConsumer`]: every instance gets every message, from its own offsets.
 //!
 //! Every client finds a topic's brokers through its access points (brokers or nameservers),
-//! refreshes routes every 30 s, and sends elsewhere while a broker is unreachable.
+//! refreshes routes every 30 s, and sends elsewhere while a broker is unreachable (except a
+//! FIFO message group, which stays on its broker). Push and broadcast consumers take their
+//! brokers and queues from the route when they start.
 //! Errors ([`Error`]) name the RocketMQ code and say what to do.
 //!
 //! # Producing
