@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Produce and consume through each client into one broker (flush = "async"), next to NATS
-# JetStream (file storage) publishing the same 1 KiB messages with acks, in the same session.
+# JetStream (file storage) publishing the same 1 KiB messages with acks, in the same run.
 # Each figure is the median of several runs.
 # Usage: scripts/bench-clients.sh [runs]   (default 3). Needs `nats-server` on the PATH
 # (Debian: apt install nats-server) for the NATS rows. The broker keeps its data in
