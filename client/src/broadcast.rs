@@ -280,23 +280,17 @@ impl Inner {
             StartFrom::Latest => QueryOffsetPolicy::End,
             StartFrom::Earliest => QueryOffsetPolicy::Beginning,
         };
-        let timeout = self.transport.timeout();
-        let request = self.transport.request(
-            QueryOffsetRequest {
-                message_queue: Some(queue.clone()),
-                query_offset_policy: policy as i32,
-                timestamp: None,
-            },
-            Some(timeout),
-        );
+        let request = QueryOffsetRequest {
+            message_queue: Some(queue.clone()),
+            query_offset_policy: policy as i32,
+            timestamp: None,
+        };
         let reply = self
             .transport
-            .rpc(endpoint)?
-            .query_offset(request)
-            .await
-            .map_err(|s| Error::from_rpc(endpoint, timeout, &s))?
-            .into_inner();
-        Error::check(endpoint, reply.status.as_ref())?;
+            .unary(endpoint, request, |mut rpc, r| async move {
+                rpc.query_offset(r).await
+            })
+            .await?;
         Ok(reply.offset)
     }
 

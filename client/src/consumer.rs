@@ -216,24 +216,18 @@ impl Consumer {
                 None => requests.push((key.0, key.1, vec![entry])),
             }
         }
-        let timeout = self.transport.timeout();
         for (endpoint, topic, entries) in requests {
-            let request = self.transport.request(
-                AckMessageRequest {
-                    group: resource(&self.group),
-                    topic: resource(topic),
-                    entries,
-                },
-                Some(timeout),
-            );
+            let request = AckMessageRequest {
+                group: resource(&self.group),
+                topic: resource(topic),
+                entries,
+            };
             let reply = self
                 .transport
-                .rpc(endpoint)?
-                .ack_message(request)
-                .await
-                .map_err(|s| Error::from_rpc(endpoint, timeout, &s))?
-                .into_inner();
-            Error::check(endpoint, reply.status.as_ref())?;
+                .unary(endpoint, request, |mut rpc, r| async move {
+                    rpc.ack_message(r).await
+                })
+                .await?;
             for entry in &reply.entries {
                 Error::check(endpoint, entry.status.as_ref())?;
             }
@@ -247,26 +241,19 @@ impl Consumer {
         message: &mut ReceivedMessage,
         invisible: Duration,
     ) -> Result<()> {
-        let endpoint = message.endpoint.clone();
-        let timeout = self.transport.timeout();
-        let request = self.transport.request(
-            ChangeInvisibleDurationRequest {
-                group: resource(&self.group),
-                topic: resource(&message.topic),
-                receipt_handle: message.handle()?.to_owned(),
-                invisible_duration: Some(prost_duration(invisible)),
-                message_id: message.message_id.clone(),
-            },
-            Some(timeout),
-        );
+        let request = ChangeInvisibleDurationRequest {
+            group: resource(&self.group),
+            topic: resource(&message.topic),
+            receipt_handle: message.handle()?.to_owned(),
+            invisible_duration: Some(prost_duration(invisible)),
+            message_id: message.message_id.clone(),
+        };
         let reply = self
             .transport
-            .rpc(&endpoint)?
-            .change_invisible_duration(request)
-            .await
-            .map_err(|s| Error::from_rpc(&endpoint, timeout, &s))?
-            .into_inner();
-        Error::check(&endpoint, reply.status.as_ref())?;
+            .unary(&message.endpoint, request, |mut rpc, r| async move {
+                rpc.change_invisible_duration(r).await
+            })
+            .await?;
         message.receipt_handle = Some(reply.receipt_handle);
         Ok(())
     }

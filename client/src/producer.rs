@@ -306,21 +306,17 @@ impl Producer {
                 receipt.message_id
             ))
         })?;
-        let transport = &self.inner.transport;
-        let request = transport.request(
-            RecallMessageRequest {
-                topic: resource(&receipt.topic),
-                recall_handle: handle.to_owned(),
-            },
-            Some(transport.timeout()),
-        );
-        let reply = transport
-            .rpc(&receipt.endpoint)?
-            .recall_message(request)
-            .await
-            .map_err(|s| Error::from_rpc(&receipt.endpoint, transport.timeout(), &s))?
-            .into_inner();
-        Error::check(&receipt.endpoint, reply.status.as_ref())
+        let request = RecallMessageRequest {
+            topic: resource(&receipt.topic),
+            recall_handle: handle.to_owned(),
+        };
+        self.inner
+            .transport
+            .unary(&receipt.endpoint, request, |mut rpc, r| async move {
+                rpc.recall_message(r).await
+            })
+            .await?;
+        Ok(())
     }
 
     /// Lets queued sends finish, then closes the brokers' streams.
@@ -516,18 +512,14 @@ impl Inner {
         endpoint: &str,
         messages: Vec<v2::Message>,
     ) -> Result<Vec<SendResultEntry>> {
-        let timeout = self.transport.timeout();
-        let request = self
-            .transport
-            .request(SendMessageRequest { messages }, Some(timeout));
         let reply = self
             .transport
-            .rpc(endpoint)?
-            .send_message(request)
-            .await
-            .map_err(|s| Error::from_rpc(endpoint, timeout, &s))?
-            .into_inner();
-        Error::check(endpoint, reply.status.as_ref())?;
+            .unary(
+                endpoint,
+                SendMessageRequest { messages },
+                |mut rpc, r| async move { rpc.send_message(r).await },
+            )
+            .await?;
         Ok(reply.entries)
     }
 }
@@ -604,24 +596,22 @@ async fn end_transaction(
         TransactionResolution::Rollback => v2::TransactionResolution::Rollback,
         TransactionResolution::Unknown => return Ok(()),
     };
-    let timeout = transport.timeout();
     let mut attempt = 0;
     loop {
-        let request = transport.request(
-            EndTransactionRequest {
-                topic: resource(topic),
-                message_id: message_id.to_owned(),
-                transaction_id: transaction_id.to_owned(),
-                resolution: resolution as i32,
-                source: source as i32,
-                trace_context: String::new(),
-            },
-            Some(timeout),
-        );
-        let result = match transport.rpc(endpoint)?.end_transaction(request).await {
-            Ok(reply) => Error::check(endpoint, reply.get_ref().status.as_ref()),
-            Err(status) => Err(Error::from_rpc(endpoint, timeout, &status)),
+        let request = EndTransactionRequest {
+            topic: resource(topic),
+            message_id: message_id.to_owned(),
+            transaction_id: transaction_id.to_owned(),
+            resolution: resolution as i32,
+            source: source as i32,
+            trace_context: String::new(),
         };
+        let result = transport
+            .unary(endpoint, request, |mut rpc, r| async move {
+                rpc.end_transaction(r).await
+            })
+            .await
+            .map(drop);
         match result {
             Err(e) if e.is_retryable() && attempt < 2 => {
                 attempt += 1;

@@ -6,10 +6,12 @@
 //! the others while it is away.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use ferrumq_protocol::v2;
 use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2::{
     Address, AddressScheme, Endpoints, MessageQueue, Permission, QueryRouteRequest, Resource,
@@ -20,6 +22,31 @@ use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 
 pub(crate) type Rpc = MessagingServiceClient<Channel>;
+
+/// A unary reply, which carries a status.
+pub(crate) trait Reply {
+    fn status(&self) -> Option<&v2::Status>;
+}
+
+macro_rules! replies {
+    ($($reply:ty),*) => {
+        $(impl Reply for $reply {
+            fn status(&self) -> Option<&v2::Status> {
+                self.status.as_ref()
+            }
+        })*
+    };
+}
+
+replies!(
+    v2::QueryRouteResponse,
+    v2::SendMessageResponse,
+    v2::AckMessageResponse,
+    v2::ChangeInvisibleDurationResponse,
+    v2::EndTransactionResponse,
+    v2::RecallMessageResponse,
+    v2::QueryOffsetResponse
+);
 
 /// A topic's queues and the brokers that hold them.
 #[derive(Debug)]
@@ -150,6 +177,23 @@ impl Transport {
         self.config.request_timeout
     }
 
+    /// One unary call to `endpoint` within the request timeout: `call` makes it on the
+    /// endpoint's client; a failed call or a reply whose status is not OK is an [`Error`].
+    pub(crate) async fn unary<B, R, F, Fut>(&self, endpoint: &str, body: B, call: F) -> Result<R>
+    where
+        F: FnOnce(Rpc, tonic::Request<B>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+        R: Reply,
+    {
+        let timeout = self.timeout();
+        let reply = call(self.rpc(endpoint)?, self.request(body, Some(timeout)))
+            .await
+            .map_err(|s| Error::from_rpc(endpoint, timeout, &s))?
+            .into_inner();
+        Error::check(endpoint, reply.status())?;
+        Ok(reply)
+    }
+
     /// The cached route of `topic`, asked for again when older than the refresh interval.
     pub(crate) async fn route(&self, topic: &str) -> Result<Arc<Route>> {
         let cached = self
@@ -195,20 +239,15 @@ impl Transport {
     }
 
     async fn query_route(&self, point: &str, topic: &str) -> Result<Vec<MessageQueue>> {
-        let request = self.request(
-            QueryRouteRequest {
-                topic: resource(topic),
-                endpoints: endpoints(point),
-            },
-            Some(self.timeout()),
-        );
+        let request = QueryRouteRequest {
+            topic: resource(topic),
+            endpoints: endpoints(point),
+        };
         let reply = self
-            .rpc(point)?
-            .query_route(request)
-            .await
-            .map_err(|s| Error::from_rpc(point, self.timeout(), &s))?
-            .into_inner();
-        Error::check(point, reply.status.as_ref())?;
+            .unary(point, request, |mut rpc, r| async move {
+                rpc.query_route(r).await
+            })
+            .await?;
         if reply.message_queues.is_empty() {
             return Err(Error::NoRoute {
                 topic: topic.to_owned(),
