@@ -407,7 +407,10 @@ pub(crate) fn consume(args: &NetArgs) -> anyhow::Result<()> {
         let start = Instant::now();
         match args.client {
             ClientKind::Native => consume_native(args, &received).await?,
-            _ => consume_raw(args, &received).await?,
+            ClientKind::Raw => consume_raw(args, &received).await?,
+            ClientKind::Official => {
+                bail!("consume drives --client raw or native; the official client is measured by produce")
+            }
         }
         let seconds = start.elapsed().as_secs_f64();
         let n = received.load(Ordering::Relaxed);
