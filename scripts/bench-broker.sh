@@ -2,7 +2,7 @@
 # Broker benchmarks over gRPC on this machine, next to the ceiling a no-op gRPC server gives the
 # same client in the same session. Each figure is the median of several runs.
 # Usage: scripts/bench-broker.sh [runs]   (default 3). Brokers keep their data in
-# ./target/bench-broker and listen on 127.0.0.1:18081 (sync), :18083 (async), :18091 (no-op).
+# ./target/bench-broker (removed at the end) and listen on 127.0.0.1:18081 (sync), :18083 (async), :18091 (no-op).
 set -euo pipefail
 runs=${1:-3}
 cd "$(dirname "$0")/.."
@@ -12,7 +12,8 @@ data=target/bench-broker
 rm -rf "$data" && mkdir -p "$data/sync" "$data/async"
 printf 'flush = "async"\n' > "$data/async.toml"
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+# Stop the servers and drop their data (several GB per run) on the way out.
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
 "$bench" null-server --listen 127.0.0.1:18091 & pids+=($!)
 target/release/ferrumq-broker --data-dir "$data/sync" --grpc-listen 127.0.0.1:18081 --http-listen 127.0.0.1:18080 >/dev/null 2>&1 & pids+=($!)
 target/release/ferrumq-broker --config "$data/async.toml" --data-dir "$data/async" --grpc-listen 127.0.0.1:18083 --http-listen 127.0.0.1:18082 >/dev/null 2>&1 & pids+=($!)

@@ -4,7 +4,7 @@
 # Each figure is the median of several runs.
 # Usage: scripts/bench-clients.sh [runs]   (default 3). Needs `nats-server` on the PATH
 # (Debian: apt install nats-server) for the NATS rows. The broker keeps its data in
-# ./target/bench-clients and listens on 127.0.0.1:18183; nats-server on 127.0.0.1:18222.
+# ./target/bench-clients (removed at the end) and listens on 127.0.0.1:18183; nats-server on 127.0.0.1:18222.
 set -euo pipefail
 runs=${1:-3}
 cd "$(dirname "$0")/.."
@@ -14,7 +14,8 @@ data=target/bench-clients
 rm -rf "$data" && mkdir -p "$data/broker" "$data/nats"
 printf 'flush = "async"\n' > "$data/async.toml"
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+# Stop the servers and drop their data (several GB per run) on the way out.
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
 target/release/ferrumq-broker --config "$data/async.toml" --data-dir "$data/broker" \
   --grpc-listen 127.0.0.1:18183 --http-listen 127.0.0.1:18182 >/dev/null 2>&1 & pids+=($!)
 if command -v nats-server >/dev/null; then

@@ -38,7 +38,7 @@ fn spawn_broker(dir: &Path) -> BrokerProcess {
     let config = dir.join("broker.toml");
     std::fs::write(
         &config,
-        "segment_size_bytes = 8388608\n[limits]\nmin_invisible_ms = 1000\n\
+        "segment_size_bytes = 8388608\ndisk_watermark = 1.0\n[limits]\nmin_invisible_ms = 1000\n\
          [transactions]\ncheck_immunity_ms = 1000\ncheck_interval_ms = 1000\n\
          [timers]\nslot_ms = 1000\nmemory_window_ms = 2000\n",
     )

@@ -12,16 +12,22 @@ use memmap2::MmapRaw;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DiskUsage {
     pub total_bytes: u64,
+    /// Free blocks, including those reserved for the superuser.
+    pub free_bytes: u64,
+    /// Free blocks an unprivileged process may use.
     pub available_bytes: u64,
 }
 
 impl DiskUsage {
+    /// The share of the usable space that is used, the figure `df` prints as `Use%`:
+    /// blocks reserved for the superuser count neither as used nor as usable.
     pub fn used_ratio(&self) -> f64 {
-        if self.total_bytes == 0 {
+        let used = self.total_bytes.saturating_sub(self.free_bytes);
+        let usable = used.saturating_add(self.available_bytes);
+        if usable == 0 {
             return 0.0;
         }
-        let used = self.total_bytes.saturating_sub(self.available_bytes);
-        used as f64 / self.total_bytes as f64
+        used as f64 / usable as f64
     }
 }
 
@@ -76,6 +82,7 @@ fn statvfs(path: &Path) -> io::Result<DiskUsage> {
     let block = stat.f_frsize;
     Ok(DiskUsage {
         total_bytes: stat.f_blocks * block,
+        free_bytes: stat.f_bfree * block,
         available_bytes: stat.f_bavail * block,
     })
 }
@@ -91,5 +98,22 @@ mod tests {
         assert!(usage.available_bytes <= usage.total_bytes);
         let ratio = usage.used_ratio();
         assert!((0.0..=1.0).contains(&ratio));
+    }
+
+    #[test]
+    fn used_ratio_leaves_out_reserved_blocks_like_df() {
+        // 100 blocks, 60 free of which 10 are reserved: 40 used of 90 usable.
+        let usage = DiskUsage {
+            total_bytes: 100,
+            free_bytes: 60,
+            available_bytes: 50,
+        };
+        assert!((usage.used_ratio() - 40.0 / 90.0).abs() < 1e-9);
+        let empty = DiskUsage {
+            total_bytes: 0,
+            free_bytes: 0,
+            available_bytes: 0,
+        };
+        assert_eq!(empty.used_ratio(), 0.0);
     }
 }

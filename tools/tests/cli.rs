@@ -41,6 +41,8 @@ fn broker_process() {
             grpc_listen: "127.0.0.1:0".parse().unwrap(),
             http_listen: "127.0.0.1:0".parse().unwrap(),
             segment_size_bytes: 16 << 20,
+            // Tests must not fail because the machine's disk happens to be nearly full.
+            disk_watermark: 1.0,
             ..ferrumq_broker::BrokerConfig::default()
         };
         config.limits.min_invisible_ms = 1000;

@@ -34,6 +34,8 @@ pub async fn start(tweak: impl FnOnce(&mut BrokerConfig)) -> TestBroker {
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         segment_size_bytes: 16 << 20,
+        // Tests must not fail because the machine's disk happens to be nearly full.
+        disk_watermark: 1.0,
         ..BrokerConfig::default()
     };
     config.limits.min_invisible_ms = 1000;

@@ -28,6 +28,8 @@ pub fn config(dir: &TempDir) -> BrokerConfig {
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         segment_size_bytes: 16 << 20,
+        // Tests must not fail because the machine's disk happens to be nearly full.
+        disk_watermark: 1.0,
         ..BrokerConfig::default()
     };
     config.limits.min_invisible_ms = 1000;

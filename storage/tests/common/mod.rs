@@ -117,6 +117,7 @@ impl FileSystem for FaultyFs {
             0 => RealFileSystem.disk_usage(path),
             used => Ok(DiskUsage {
                 total_bytes: 1000,
+                free_bytes: 1000 - used,
                 available_bytes: 1000 - used,
             }),
         }
