@@ -19,7 +19,9 @@ use crate::config::{BrokerConfig, FlushPolicy};
 use crate::consumer::{ConsumerGroups, OPS_TOPIC};
 use crate::error::{ApiError, ApiResult};
 use crate::filter::Filter;
-use crate::message::{self, CheckedMessage, Delivery, FieldNames, Kind, Placement, property};
+use crate::message::{
+    self, BodyDigest, CheckedMessage, Delivery, FieldNames, Kind, Placement, property,
+};
 use crate::metadata::{self, GroupConfig, Metadata, TopicConfig};
 use crate::metrics::Metrics;
 use crate::timer::{self, TIMER_TOPIC, Timers};
@@ -46,6 +48,19 @@ pub struct ReceiveRequest<'a> {
     /// When the caller stops waiting (the gRPC deadline).
     pub deadline: Option<Instant>,
     pub client_id: &'a str,
+    pub digest: BodyDigest,
+}
+
+/// A PullMessage: up to `batch_size` messages of one queue from `offset`, whatever any
+/// consumer group has done.
+pub struct PullRequest<'a> {
+    pub topic: &'a str,
+    pub queue_id: i32,
+    pub offset: i64,
+    pub batch_size: i32,
+    pub filter: Option<(FilterType, &'a str)>,
+    pub long_polling: Option<&'a prost_types::Duration>,
+    pub digest: BodyDigest,
 }
 
 /// One stored message of a send.
@@ -380,7 +395,8 @@ impl Broker {
             .due_checks(now, &|client| self.is_connected(client))?;
         let mut sent = 0;
         for check in checks {
-            let mut message = message::to_wire(&check.half.view(), None, &self.endpoint);
+            let mut message =
+                message::to_wire(&check.half.view(), None, &self.endpoint, BodyDigest::Md5);
             if let Some(system) = message.system_properties.as_mut() {
                 system.queue_id = check
                     .half
@@ -528,7 +544,12 @@ impl Broker {
                             invisible_ms,
                             store_host,
                         };
-                        message::to_wire(&d.record.view(), Some(delivery), store_host)
+                        message::to_wire(
+                            &d.record.view(),
+                            Some(delivery),
+                            store_host,
+                            request.digest,
+                        )
                     })
                     .collect());
             }
@@ -671,15 +692,16 @@ impl Broker {
 
     /// Reads a queue from an offset without leases (PullMessage); returns the messages and
     /// the next offset to read.
-    pub async fn pull(
-        &self,
-        topic: &str,
-        queue_id: i32,
-        offset: i64,
-        batch_size: i32,
-        filter: Option<(FilterType, &str)>,
-        long_polling: Option<&prost_types::Duration>,
-    ) -> ApiResult<(Vec<v2::Message>, i64)> {
+    pub async fn pull(&self, request: PullRequest<'_>) -> ApiResult<(Vec<v2::Message>, i64)> {
+        let PullRequest {
+            topic,
+            queue_id,
+            offset,
+            batch_size,
+            filter,
+            long_polling,
+            digest,
+        } = request;
         let topic = self.readable_topic(topic)?;
         let queue_id = self.queue_id(&topic, queue_id)?;
         let filter = match filter {
@@ -712,7 +734,7 @@ impl Broker {
                     let record = self.store.read(entry.log_pos)?;
                     let view = record.view();
                     if filter.matches(&view.properties) {
-                        messages.push(message::to_wire(&view, None, &self.endpoint));
+                        messages.push(message::to_wire(&view, None, &self.endpoint, digest));
                     }
                 }
             }

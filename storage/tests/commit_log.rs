@@ -110,7 +110,9 @@ fn async_mode_flushes_on_its_interval() {
 }
 
 #[test]
-fn async_mode_writes_through_the_mapping_across_segment_rolls() {
+fn async_mode_writes_single_records_and_batches_across_segment_rolls() {
+    // Single records are copied into the mapping; batches of 30 (about 24 KiB) are written
+    // with pwrite. Both read back, in order, before and after a reopen.
     let dir = tempfile::tempdir().unwrap();
     let options = StoreOptions {
         flush: FlushMode::Async {
@@ -119,10 +121,26 @@ fn async_mode_writes_through_the_mapping_across_segment_rolls() {
         ..StoreOptions::for_tests()
     };
     let store = MessageStore::open(dir.path(), options.clone()).unwrap();
-    let appended: Vec<_> = (0..500)
-        .map(|n| store.append(&TestMessage::new(n, 700).record()).unwrap())
-        .collect();
+    let mut appended = Vec::new();
+    let mut n = 0;
+    while n < 500 {
+        if (n / 50) % 2 == 0 {
+            appended.push(store.append(&TestMessage::new(n, 700).record()).unwrap());
+            n += 1;
+        } else {
+            let batch: Vec<_> = (n..n + 30).map(|m| TestMessage::new(m, 700)).collect();
+            let records: Vec<_> = batch.iter().map(TestMessage::record).collect();
+            store.append_batch(&records, &mut appended).unwrap();
+            n += 30;
+        }
+    }
     assert!(appended.last().unwrap().pos.0 > 4 * store.log().segment_size());
+    let positions: Vec<_> = store
+        .log()
+        .records(LogPos::ZERO, store.log().written_pos())
+        .map(|r| r.unwrap().0)
+        .collect();
+    assert_eq!(positions, appended.iter().map(|a| a.pos).collect::<Vec<_>>());
     for (n, a) in appended.iter().enumerate() {
         let record = store.read(a.pos).unwrap();
         assert_eq!(record.view().body, body_of(n as u64, 700).as_slice());

@@ -22,7 +22,7 @@ use tonic::{Request, Response};
 use crate::admin::ResetTo;
 use crate::config::FlushPolicy;
 use crate::error::ApiError;
-use crate::message::{self, property};
+use crate::message::{self, BodyDigest, property};
 use crate::metadata::{self, GroupConfig, StartPosition, TopicConfig};
 use crate::service::{Broker, now_ms};
 
@@ -275,7 +275,12 @@ impl AdminService for AdminApi {
             .map(|r| {
                 let view = r.view();
                 StoredMessage {
-                    message: Some(message::to_wire(&view, None, &self.broker.endpoint)),
+                    message: Some(message::to_wire(
+                        &view,
+                        None,
+                        &self.broker.endpoint,
+                        BodyDigest::Md5,
+                    )),
                     commit_log_position: r.pos().0,
                     queue_id: view.queue_id,
                     queue_offset: view.queue_offset.0,
@@ -320,6 +325,7 @@ impl AdminService for AdminApi {
                     &d.record.view(),
                     None,
                     &self.broker.endpoint,
+                    BodyDigest::Md5,
                 )),
                 transaction_id: d.transaction_id,
                 checks: d.checks,
@@ -457,7 +463,12 @@ impl AdminService for AdminApi {
             .map(|letter| {
                 let view = letter.record.view();
                 DeadLetter {
-                    message: Some(message::to_wire(&view, None, &self.broker.endpoint)),
+                    message: Some(message::to_wire(
+                        &view,
+                        None,
+                        &self.broker.endpoint,
+                        BodyDigest::Md5,
+                    )),
                     origin_topic: view
                         .properties
                         .get(property::DLQ_ORIGIN_TOPIC)

@@ -23,8 +23,8 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response};
 
 use crate::error::{ApiError, ApiResult};
-use crate::message::{self, timestamp};
-use crate::service::{Broker, ReceiveRequest, now_ms};
+use crate::message::{self, BodyDigest, timestamp};
+use crate::service::{Broker, PullRequest, ReceiveRequest, now_ms};
 
 pub struct MessagingApi {
     broker: Arc<Broker>,
@@ -49,6 +49,12 @@ fn client_id<T>(request: &Request<T>) -> ApiResult<String> {
             s.message,
         )
     })
+}
+
+/// The digest form the calling client checks, by the language it names.
+fn body_digest<T>(request: &Request<T>) -> BodyDigest {
+    let language = request.metadata().get("x-mq-language");
+    BodyDigest::for_language(language.and_then(|v| v.to_str().ok()))
 }
 
 fn status_of<T>(result: &ApiResult<T>) -> Status {
@@ -165,6 +171,7 @@ impl MessagingService for MessagingApi {
                         long_polling: r.long_polling_timeout.as_ref(),
                         deadline,
                         client_id: &client,
+                        digest: body_digest(&request),
                     })
                     .await
             }
@@ -301,14 +308,15 @@ impl MessagingService for MessagingApi {
                     )
                 });
                 self.broker
-                    .pull(
-                        name(queue.and_then(|q| q.topic.as_ref())),
-                        queue.map_or(0, |q| q.id),
-                        r.offset,
-                        r.batch_size,
+                    .pull(PullRequest {
+                        topic: name(queue.and_then(|q| q.topic.as_ref())),
+                        queue_id: queue.map_or(0, |q| q.id),
+                        offset: r.offset,
+                        batch_size: r.batch_size,
                         filter,
-                        r.long_polling_timeout.as_ref(),
-                    )
+                        long_polling: r.long_polling_timeout.as_ref(),
+                        digest: body_digest(&request),
+                    })
                     .await
             }
         };

@@ -4,8 +4,11 @@
 //! it into the active segment and publishes the new write position; readers see it through the
 //! segment's mapping. In `sync` mode the copy is a `pwrite`: pages written that way are cheap
 //! to flush again and again, while pages dirtied through a mapping must be write-protected and
-//! faulted back in around every flush. In `async` mode, where flushes are rare, the copy goes
-//! straight into the mapping, whose pages are faulted in ahead of the writer a chunk at a time. Durability is the flusher thread's job: it flushes
+//! faulted back in around every flush. In `async` mode, where flushes are rare, a small append
+//! is copied straight into the mapping, whose pages are faulted in ahead of the writer a chunk
+//! at a time, which saves a system call per record; a batch of at least `PWRITE_MIN_BYTES` is a
+//! `pwrite`, which fills fresh pages without first zeroing them as faulting them in does.
+//! Durability is the flusher thread's job: it flushes
 //! everything written since its last flush in one call and then releases every caller waiting
 //! for a position it covered (group commit). After a failed flush the log is fail-stop: it
 //! refuses appends until the process restarts and recovery decides what is on disk.
@@ -67,6 +70,10 @@ pub struct FlushStats {
 /// In `async` mode the preparer keeps the pages between one and two of these ahead of the
 /// writer faulted in.
 const POPULATE_CHUNK: u64 = 4 << 20;
+
+/// In `async` mode, appends of at least this many bytes are written with `pwrite` rather than
+/// copied into the mapping.
+const PWRITE_MIN_BYTES: usize = 16 << 10;
 
 /// The writer's encode buffer is cut back to this after an unusually large batch.
 const MAX_KEPT_PENDING_CAPACITY: usize = 4 << 20;
@@ -588,6 +595,9 @@ impl CommitLog {
         let start = writer.offset - writer.pending.len();
         let written = match self.shared.flush_mode {
             FlushMode::Sync => writer.active.write_at(start, &writer.pending),
+            FlushMode::Async { .. } if writer.pending.len() >= PWRITE_MIN_BYTES => {
+                writer.active.write_at(start, &writer.pending)
+            }
             FlushMode::Async { .. } => {
                 let end = writer.active.base() + writer.offset as u64;
                 if end + POPULATE_CHUNK > writer.populate_requested {
