@@ -4,9 +4,9 @@
 //   npm install rocketmq-client-nodejs@1.0.8
 //   NODE_PATH=$PWD/node_modules node scripts/check-node-client.js [host:port]   (default 127.0.0.1:8081)
 //
-// A producer sends 20 messages; a SimpleConsumer must receive all 20 once (this client only
-// ever names queue 0 and needs an MD5 body digest on every message). Exits non-zero on any
-// difference.
+// A producer sends 20 messages; a SimpleConsumer must receive all 20 once, none marked
+// corrupted (this client only ever names queue 0, and needs a body digest on every message:
+// it reads CRC32 as a decimal number). Exits non-zero on any difference.
 const { Producer, SimpleConsumer } = require('rocketmq-client-nodejs');
 
 const endpoints = process.argv[2] || '127.0.0.1:8081';
@@ -26,13 +26,17 @@ async function main() {
   await consumer.startup();
   const sent = new Set();
   for (let i = 0; i < count; i++) {
-    const receipt = await producer.send({ topic, tag: 'node', keys: [`key-${i}`], body: Buffer.from(`node ${i}`) });
+    const receipt = await producer.send({ topic, tag: 'node', keys: [`key-${i}`], body: Buffer.from(i === 0 ? 'm21' : `node ${i}`) });
     sent.add(receipt.messageId);
   }
   const received = [];
   const deadline = Date.now() + 30000;
   while (received.length < count && Date.now() < deadline) {
     for (const message of await consumer.receive(32, 15000)) {
+      if (message.corrupted) {
+        console.log(`FAILED: body digest mismatch for ${message.messageId}`);
+        process.exit(1);
+      }
       received.push(message.messageId);
       await consumer.ack(message);
     }
