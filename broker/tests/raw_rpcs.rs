@@ -14,11 +14,12 @@ use std::time::Duration;
 use common::{create_group, resource, start};
 use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2::{
-    AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, Code, FilterExpression,
-    FilterType, ForwardMessageToDeadLetterQueueRequest, GetOffsetRequest, Message, MessageQueue,
-    MessageType, NotifyClientTerminationRequest, PullMessageRequest, QueryAssignmentRequest,
-    QueryOffsetPolicy, QueryOffsetRequest, ReceiveMessageRequest, SendMessageRequest,
-    SystemProperties, UpdateOffsetRequest, pull_message_response, receive_message_response,
+    AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, Code, DigestType,
+    FilterExpression, FilterType, ForwardMessageToDeadLetterQueueRequest, GetOffsetRequest,
+    Message, MessageQueue, MessageType, NotifyClientTerminationRequest, PullMessageRequest,
+    QueryAssignmentRequest, QueryOffsetPolicy, QueryOffsetRequest, ReceiveMessageRequest,
+    SendMessageRequest, SystemProperties, UpdateOffsetRequest, pull_message_response,
+    receive_message_response,
 };
 use tonic::transport::Channel;
 
@@ -61,6 +62,17 @@ async fn send(client: &mut Client, topic: &str, ids: &[&str]) {
 }
 
 async fn receive(client: &mut Client, group: &str, topic: &str, invisible_ms: u64) -> Vec<Message> {
+    receive_as(client, group, topic, invisible_ms, None).await
+}
+
+/// A receive from a client that names its language in `x-mq-language`.
+async fn receive_as(
+    client: &mut Client,
+    group: &str,
+    topic: &str,
+    invisible_ms: u64,
+    language: Option<&'static str>,
+) -> Vec<Message> {
     let mut request = call(ReceiveMessageRequest {
         group: resource(group),
         message_queue: queue(topic, 0),
@@ -77,6 +89,11 @@ async fn receive(client: &mut Client, group: &str, topic: &str, invisible_ms: u6
         }),
     });
     request.set_timeout(Duration::from_secs(5));
+    if let Some(language) = language {
+        request
+            .metadata_mut()
+            .insert("x-mq-language", language.parse().unwrap());
+    }
     let mut stream = client.receive_message(request).await.unwrap().into_inner();
     let mut messages = Vec::new();
     let mut frames = Vec::new();
@@ -114,6 +131,44 @@ fn attempt(m: &Message) -> i32 {
         .unwrap()
         .delivery_attempt
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_client_language_gets_the_body_digest_form_it_checks() {
+    let broker = start(|_| {}).await;
+    let mut client = Client::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    let expected = [
+        (Some("JAVA"), DigestType::Crc32, "3E0D52A"),
+        (Some("PYTHON"), DigestType::Crc32, "03E0D52A"),
+        (Some("HTTP"), DigestType::Crc32, "65066282"),
+        (
+            Some("GO"),
+            DigestType::Md5,
+            "AF533170E9968B9DE45AB0842B54A315",
+        ),
+        (None, DigestType::Md5, "AF533170E9968B9DE45AB0842B54A315"),
+    ];
+    for n in 0..expected.len() {
+        create_group(broker.addr(), &format!("digest-{n}"), 16).await;
+    }
+    // CRC32("m21") = 0x03E0D52A = 65066282; its MD5 is AF53...A315.
+    send(&mut client, "digests", &["m21"]).await;
+    for (n, (language, kind, checksum)) in expected.into_iter().enumerate() {
+        let group = format!("digest-{n}");
+        let messages = receive_as(&mut client, &group, "digests", 30_000, language).await;
+        assert_eq!(messages.len(), 1, "{language:?}");
+        let digest = messages[0]
+            .system_properties
+            .as_ref()
+            .unwrap()
+            .body_digest
+            .clone()
+            .unwrap();
+        assert_eq!(digest.r#type, kind as i32, "{language:?}");
+        assert_eq!(digest.checksum, checksum, "{language:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -140,7 +140,10 @@ fn async_mode_writes_single_records_and_batches_across_segment_rolls() {
         .records(LogPos::ZERO, store.log().written_pos())
         .map(|r| r.unwrap().0)
         .collect();
-    assert_eq!(positions, appended.iter().map(|a| a.pos).collect::<Vec<_>>());
+    assert_eq!(
+        positions,
+        appended.iter().map(|a| a.pos).collect::<Vec<_>>()
+    );
     for (n, a) in appended.iter().enumerate() {
         let record = store.read(a.pos).unwrap();
         assert_eq!(record.view().body, body_of(n as u64, 700).as_slice());
