@@ -385,6 +385,15 @@ impl<'a> RecordView<'a> {
 
 /// Checks magic, length and CRC; returns the record's length.
 pub(crate) fn frame_len(buf: &[u8]) -> Result<usize, DecodeError> {
+    let len = frame_len_unchecked_crc(buf)?;
+    if crc32fast::hash(&buf[CRC_START..len]) != get_u32(buf, 8) {
+        return Err(DecodeError::BadChecksum);
+    }
+    Ok(len)
+}
+
+/// Checks magic and length only, for a record this process wrote or recovery already checked.
+pub(crate) fn frame_len_unchecked_crc(buf: &[u8]) -> Result<usize, DecodeError> {
     if buf.len() < 4 {
         return Err(DecodeError::Truncated);
     }
@@ -402,9 +411,6 @@ pub(crate) fn frame_len(buf: &[u8]) -> Result<usize, DecodeError> {
     }
     if buf.len() < len {
         return Err(DecodeError::Truncated);
-    }
-    if crc32fast::hash(&buf[CRC_START..len]) != get_u32(buf, 8) {
-        return Err(DecodeError::BadChecksum);
     }
     Ok(len)
 }
