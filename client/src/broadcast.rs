@@ -6,8 +6,13 @@
 //! goes on from its file: at least once, with at most the last second delivered again after
 //! a crash. A queue with no saved offset starts at its end (only new messages) or, if asked,
 //! at its beginning.
+//!
+//! The route is looked at again every `route_refresh_interval`. A queue that appears later (a
+//! broker joined) is read from its beginning when this instance has no offset for it: its
+//! messages may all be newer than the instance, and skipping them would lose them. A pull loop
+//! whose broker fails and has left the route ends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::message::ReceivedMessage;
 use crate::push_consumer::{ConsumeResult, Listener};
 use crate::telemetry::prost_duration;
-use crate::transport::{Transport, queue_endpoint, resource};
+use crate::transport::{Route, Transport, queue_endpoint, resource};
 
 /// Where an instance starts on a queue it has no offset for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,21 +136,22 @@ impl BroadcastConsumerBuilder {
             offsets,
             stop,
         });
-        let mut tasks = JoinSet::new();
-        for queue in &route.queues {
-            let readable = queue.permission != ferrumq_protocol::v2::Permission::Write as i32;
-            if readable && let Some(endpoint) = queue_endpoint(queue) {
-                // The start is fixed now, so a message sent once `build` returns is received.
-                // A broker that does not answer is asked again by the pull loop.
-                let key = queue_key(&inner.topic, queue);
-                if inner.offsets.get(&key).is_none()
-                    && let Ok(start) = inner.start_offset(queue, &endpoint).await
-                {
-                    inner.offsets.set(&key, start);
-                }
-                tasks.spawn(inner.clone().pull_loop(queue.clone(), endpoint));
+        // The starts are fixed now, so a message sent once `build` returns is received. A
+        // broker that does not answer is asked again by its pull loop.
+        let mut first = Vec::new();
+        for (queue, endpoint) in readable_queues(&route) {
+            let key = queue_key(&inner.topic, &queue);
+            if inner.offsets.get(&key).is_none()
+                && let Ok(start) = inner
+                    .start_offset(&queue, &endpoint, inner.start_from)
+                    .await
+            {
+                inner.offsets.set(&key, start);
             }
+            first.push((queue, endpoint));
         }
+        let mut tasks = JoinSet::new();
+        tasks.spawn(inner.clone().follow_routes(first));
         tasks.spawn(inner.clone().save_loop());
         Ok(BroadcastConsumer { inner, tasks })
     }
@@ -198,19 +204,81 @@ impl Drop for BroadcastConsumer {
     }
 }
 
+/// The queues of a route this instance can pull, with their brokers' endpoints.
+fn readable_queues(route: &Route) -> Vec<(MessageQueue, String)> {
+    route
+        .queues
+        .iter()
+        .filter(|q| q.permission != ferrumq_protocol::v2::Permission::Write as i32)
+        .filter_map(|q| Some((q.clone(), queue_endpoint(q)?)))
+        .collect()
+}
+
 impl Inner {
-    async fn pull_loop(self: Arc<Self>, queue: MessageQueue, endpoint: String) {
+    /// Runs the pull loops of `first`, then every `route_refresh_interval` starts one for
+    /// each queue that joined the route. Returns after a shutdown, once every loop has ended.
+    async fn follow_routes(self: Arc<Self>, first: Vec<(MessageQueue, String)>) {
+        let mut stop = self.stop.subscribe();
+        let mut loops = JoinSet::new();
+        let mut running = HashSet::new();
+        for (queue, endpoint) in first {
+            running.insert((queue_key(&self.topic, &queue), endpoint.clone()));
+            loops.spawn(self.clone().pull_loop(queue, endpoint, self.start_from));
+        }
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.transport.config.route_refresh) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            while let Some(ended) = loops.try_join_next() {
+                if let Ok(source) = ended {
+                    running.remove(&source);
+                }
+            }
+            let Ok(route) = self.transport.route(&self.topic).await else {
+                continue;
+            };
+            for (queue, endpoint) in readable_queues(&route) {
+                if running.insert((queue_key(&self.topic, &queue), endpoint.clone())) {
+                    loops.spawn(self.clone().pull_loop(queue, endpoint, StartFrom::Earliest));
+                }
+            }
+        }
+        while loops.join_next().await.is_some() {}
+    }
+
+    /// Whether `endpoint` still serves `queue`; true while the route is unknown.
+    async fn still_routed(&self, queue: &MessageQueue, endpoint: &str) -> bool {
+        let key = queue_key(&self.topic, queue);
+        self.transport
+            .route(&self.topic)
+            .await
+            .map_or(true, |route| {
+                readable_queues(&route)
+                    .iter()
+                    .any(|(q, e)| e == endpoint && queue_key(&self.topic, q) == key)
+            })
+    }
+
+    /// Pulls one queue until a shutdown, or until its broker fails and is no longer in the
+    /// route. With no saved offset it starts at `start`. Returns its queue key and endpoint.
+    async fn pull_loop(
+        self: Arc<Self>,
+        queue: MessageQueue,
+        endpoint: String,
+        start: StartFrom,
+    ) -> (String, String) {
         let key = queue_key(&self.topic, &queue);
         let mut stop = self.stop.subscribe();
         let mut offset = self.offsets.get(&key);
         loop {
             if *stop.borrow_and_update() {
-                return;
+                return (key, endpoint);
             }
             let step = async {
                 let from = match offset {
                     Some(offset) => offset,
-                    None => self.start_offset(&queue, &endpoint).await?,
+                    None => self.start_offset(&queue, &endpoint, start).await?,
                 };
                 offset = Some(from);
                 let (messages, next) = self.pull(&queue, &endpoint, from).await?;
@@ -218,7 +286,7 @@ impl Inner {
             };
             let pulled = tokio::select! {
                 pulled = step => pulled,
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.wait_for(|s| *s) => return (key, endpoint),
             };
             match pulled {
                 Ok((messages, next)) => {
@@ -226,7 +294,7 @@ impl Inner {
                     for message in messages {
                         let after = message.queue_offset.map(|o| o + 1);
                         if !self.deliver(message, &mut stop).await {
-                            return;
+                            return (key, endpoint);
                         }
                         if let Some(after) = after {
                             done = done.max(after);
@@ -239,13 +307,17 @@ impl Inner {
                     offset = Some(next);
                 }
                 Err(e) => {
-                    tracing::warn!(%e, endpoint, "pull failed; trying again in 1 s");
                     if e.is_endpoint_down() {
                         self.transport.mark_down(&endpoint);
                     }
+                    if !self.still_routed(&queue, &endpoint).await {
+                        tracing::info!(endpoint, "queue left the route; no longer pulling it");
+                        return (key, endpoint);
+                    }
+                    tracing::warn!(%e, endpoint, "pull failed; trying again in 1 s");
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stop.wait_for(|s| *s) => return,
+                        _ = stop.wait_for(|s| *s) => return (key, endpoint),
                     }
                 }
             }
@@ -275,8 +347,13 @@ impl Inner {
         true
     }
 
-    async fn start_offset(&self, queue: &MessageQueue, endpoint: &str) -> Result<i64> {
-        let policy = match self.start_from {
+    async fn start_offset(
+        &self,
+        queue: &MessageQueue,
+        endpoint: &str,
+        start: StartFrom,
+    ) -> Result<i64> {
+        let policy = match start {
             StartFrom::Latest => QueryOffsetPolicy::End,
             StartFrom::Earliest => QueryOffsetPolicy::Beginning,
         };

@@ -11,8 +11,9 @@
 //!
 //! Every client finds a topic's brokers through its access points (brokers or nameservers),
 //! refreshes routes every 30 s, and sends elsewhere while a broker is unreachable (except a
-//! FIFO message group, which stays on its broker). Push and broadcast consumers take their
-//! brokers and queues from the route when they start.
+//! FIFO message group, which stays on its broker). Push and broadcast consumers follow route
+//! changes at each refresh: they start reading from a broker that joins, and stop polling one
+//! that fails and has left the route.
 //! Errors ([`Error`]) name the RocketMQ code and say what to do.
 //!
 //! # Producing

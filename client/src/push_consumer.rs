@@ -11,8 +11,11 @@
 //!   after the previous one is acked, so order holds across retries too.
 //! - **Shutdown**: stops receiving (a receive under way is finished and its messages
 //!   processed), waits for running listeners, acks them, and leaves.
+//! - **Route changes**: one receive loop runs per subscription and broker. The routes are
+//!   looked at again every `route_refresh_interval`: a broker that joined gets a loop, and a
+//!   loop whose broker fails and has left the route ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -141,12 +144,7 @@ impl PushConsumerBuilder {
             stop,
         });
         let mut receivers = JoinSet::new();
-        for subscription in 0..inner.core.subscriptions.len() {
-            let topic = &inner.core.subscriptions[subscription].0;
-            for broker in inner.core.transport.route(topic).await?.brokers(false) {
-                receivers.spawn(inner.clone().receive_loop(subscription, broker));
-            }
-        }
+        receivers.spawn(inner.clone().follow_routes());
         Ok(PushConsumer { inner, receivers })
     }
 }
@@ -210,15 +208,61 @@ impl Drop for PushConsumer {
 }
 
 impl Inner {
-    async fn receive_loop(self: Arc<Self>, subscription: usize, broker: String) {
+    /// Keeps one receive loop running per subscription and broker of the current routes.
+    /// Returns after a shutdown, once every loop has ended.
+    async fn follow_routes(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        let mut loops = JoinSet::new();
+        let mut running = HashSet::new();
+        loop {
+            while let Some(ended) = loops.try_join_next() {
+                if let Ok(source) = ended {
+                    running.remove(&source);
+                }
+            }
+            for (subscription, (topic, _)) in self.core.subscriptions.iter().enumerate() {
+                let Ok(route) = self.core.transport.route(topic).await else {
+                    continue;
+                };
+                for broker in route.brokers(false) {
+                    if running.insert((subscription, broker.clone())) {
+                        self.core.telemetry.open(&broker);
+                        loops.spawn(self.clone().receive_loop(subscription, broker));
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.core.transport.config.route_refresh) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        while loops.join_next().await.is_some() {}
+    }
+
+    /// Whether `broker` still serves the subscription's topic; true while the route is
+    /// unknown, so a nameserver outage does not stop a loop.
+    async fn still_routed(&self, subscription: usize, broker: &str) -> bool {
+        let topic = &self.core.subscriptions[subscription].0;
+        self.core
+            .transport
+            .route(topic)
+            .await
+            .map_or(true, |route| {
+                route.brokers(false).iter().any(|b| b == broker)
+            })
+    }
+
+    /// Receives from one broker until a shutdown, or until the broker fails and is no longer
+    /// in the route. Returns its source, so `follow_routes` can start it again later.
+    async fn receive_loop(self: Arc<Self>, subscription: usize, broker: String) -> (usize, String) {
         let mut stop = self.stop.subscribe();
         loop {
             let first = tokio::select! {
                 permit = self.permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
-                    Err(_) => return,
+                    Err(_) => return (subscription, broker),
                 },
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.wait_for(|s| *s) => return (subscription, broker),
             };
             let mut permits = vec![first];
             while permits.len() < 32 {
@@ -247,14 +291,21 @@ impl Inner {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(%e, broker, "receive failed; trying again in 1 s");
+                    drop(permits);
                     if e.is_endpoint_down() {
                         self.core.transport.mark_down(&broker);
                     }
-                    drop(permits);
+                    if !self.still_routed(subscription, &broker).await {
+                        tracing::info!(
+                            broker,
+                            "broker left the route; no longer receiving from it"
+                        );
+                        return (subscription, broker);
+                    }
+                    tracing::warn!(%e, broker, "receive failed; trying again in 1 s");
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stop.wait_for(|s| *s) => return,
+                        _ = stop.wait_for(|s| *s) => return (subscription, broker),
                     }
                 }
             }

@@ -466,18 +466,20 @@ async fn start_nameserver() -> std::net::SocketAddr {
     addr
 }
 
+/// A broker config tweak: named `name`, registered with the nameserver at `ns`.
+fn joined(name: &'static str, ns: String) -> impl FnOnce(&mut ferrumq_broker::BrokerConfig) {
+    move |c: &mut ferrumq_broker::BrokerConfig| {
+        c.nameservers = vec![ns];
+        c.broker_name = name.into();
+        c.heartbeat_interval_ms = 200;
+        c.broker_expiry_ms = 1000;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_fail_over_to_the_second_broker_and_come_back_when_the_first_returns()
 -> Result<(), AnyError> {
     let nameserver = start_nameserver().await.to_string();
-    let joined = |name: &'static str, ns: String| {
-        move |c: &mut ferrumq_broker::BrokerConfig| {
-            c.nameservers = vec![ns];
-            c.broker_name = name.into();
-            c.heartbeat_interval_ms = 200;
-            c.broker_expiry_ms = 1000;
-        }
-    };
     let a = start(joined("broker-a", nameserver.clone())).await?;
     let b = start(joined("broker-b", nameserver.clone())).await?;
     let (a_addr, b_addr) = (a.access_point(), b.access_point());
@@ -539,6 +541,104 @@ async fn sends_fail_over_to_the_second_broker_and_come_back_when_the_first_retur
         .collect();
     assert_eq!(got, sent);
     drop(b);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_and_broadcast_consumers_follow_a_broker_that_joins_leaves_and_returns()
+-> Result<(), AnyError> {
+    let nameserver = start_nameserver().await.to_string();
+    let a = start(joined("broker-a", nameserver.clone())).await?;
+    create_topic(&a.access_point(), "grow", 2, &["NORMAL"]).await;
+    create_group(&a.access_point(), "growers", 16, &[], false).await;
+    let config = ClientConfig::new(&nameserver)
+        .route_refresh_interval(Duration::from_millis(300))
+        .request_timeout(Duration::from_secs(2));
+    let collect = |seen: &Arc<Mutex<HashSet<String>>>| {
+        let seen = seen.clone();
+        move |message: ReceivedMessage| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().insert(message.message_id);
+                ConsumeResult::Success
+            }
+        }
+    };
+    let (pushed, broadcast) = (Arc::default(), Arc::default());
+    // The consumers start once A has registered, while B does not exist yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let push = loop {
+        let built = PushConsumer::builder(config.clone(), "growers")
+            .subscribe("grow", Filter::all())
+            .long_polling(Duration::from_millis(300))
+            .listener(collect(&pushed))
+            .build()
+            .await;
+        match built {
+            Ok(push) => break push,
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let broadcaster = BroadcastConsumer::builder(config.clone(), "mirror")
+        .subscribe("grow", Filter::all())
+        .long_polling(Duration::from_millis(300))
+        .listener(collect(&broadcast))
+        .build()
+        .await?;
+
+    // B joins the cluster with the same topic; sends reach both brokers.
+    let b = start(joined("broker-b", nameserver.clone())).await?;
+    create_topic(&b.access_point(), "grow", 2, &["NORMAL"]).await;
+    create_group(&b.access_point(), "growers", 16, &[], false).await;
+    let b_addr = b.access_point();
+    let producer = Producer::builder(config.clone()).build().await?;
+    let mut sent = HashSet::new();
+    let send_until_ten_at_b = async |sent: &mut HashSet<String>| -> Result<(), AnyError> {
+        let mut at_b = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while at_b < 10 && Instant::now() < deadline {
+            let receipt = producer.send(Message::new("grow", "hello")).await?;
+            at_b += usize::from(receipt.endpoint == b_addr);
+            sent.insert(receipt.message_id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(at_b, 10, "sends never reached broker B");
+        Ok(())
+    };
+    let both_got_all = async |sent: &HashSet<String>| {
+        let all = |seen: &Arc<Mutex<HashSet<String>>>| seen.lock().unwrap().is_superset(sent);
+        let ok = wait_until(Duration::from_secs(15), || all(&pushed) && all(&broadcast)).await;
+        let counts = (
+            pushed.lock().unwrap().len(),
+            broadcast.lock().unwrap().len(),
+        );
+        assert!(
+            ok,
+            "of {} sent: push {}, broadcast {}",
+            sent.len(),
+            counts.0,
+            counts.1
+        );
+    };
+    send_until_ten_at_b(&mut sent).await?;
+    both_got_all(&sent).await;
+
+    // B leaves (its registration expires), then comes back on its address with its data.
+    let support::TestBroker { running, dir } = b;
+    running.shutdown().await?;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut config_b = support::config(&dir);
+    joined("broker-b", nameserver.clone())(&mut config_b);
+    config_b.grpc_listen = b_addr.parse()?;
+    let _b = ferrumq_broker::start(config_b).await?;
+    send_until_ten_at_b(&mut sent).await?;
+    both_got_all(&sent).await;
+
+    push.shutdown().await;
+    broadcaster.shutdown().await?;
+    producer.shutdown().await;
+    drop(a);
     Ok(())
 }
 
