@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::message::ReceivedMessage;
 use crate::push_consumer::{ConsumeResult, Listener};
 use crate::telemetry::prost_duration;
-use crate::transport::{Route, Transport, queue_endpoint, resource};
+use crate::transport::{Route, Transport, queue_endpoint, resource, within};
 
 /// Where an instance starts on a queue it has no offset for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -390,24 +390,28 @@ impl Inner {
             Some(timeout),
         );
         let rpc_error = |s: tonic::Status| Error::from_rpc(endpoint, timeout, &s);
-        let mut stream = self
-            .transport
-            .rpc(endpoint)?
-            .pull_message(request)
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
-        let (mut messages, mut next) = (Vec::new(), offset);
-        while let Some(frame) = stream.message().await.map_err(rpc_error)? {
-            match frame.content {
-                Some(Content::Status(s)) if s.code == Code::MessageNotFound as i32 => {}
-                Some(Content::Status(s)) => Error::check(endpoint, Some(&s))?,
-                Some(Content::Message(m)) => messages.push(ReceivedMessage::from_wire(endpoint, m)),
-                Some(Content::NextOffset(n)) => next = n,
-                None => {}
+        let mut rpc = self.transport.rpc(endpoint)?;
+        within(endpoint, timeout, async {
+            let mut stream = rpc
+                .pull_message(request)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let (mut messages, mut next) = (Vec::new(), offset);
+            while let Some(frame) = stream.message().await.map_err(rpc_error)? {
+                match frame.content {
+                    Some(Content::Status(s)) if s.code == Code::MessageNotFound as i32 => {}
+                    Some(Content::Status(s)) => Error::check(endpoint, Some(&s))?,
+                    Some(Content::Message(m)) => {
+                        messages.push(ReceivedMessage::from_wire(endpoint, m));
+                    }
+                    Some(Content::NextOffset(n)) => next = n,
+                    None => {}
+                }
             }
-        }
-        Ok((messages, next))
+            Ok((messages, next))
+        })
+        .await
     }
 
     async fn save_loop(self: Arc<Self>) {

@@ -46,6 +46,8 @@ impl ClientConfig {
     }
 
     /// How long a request may take (3 s by default); a receive's long polling comes on top.
+    /// The client gives up on its own when the time is up, whether or not the broker answers,
+    /// and a send is then tried again with the same message id.
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> ClientConfig {
         self.request_timeout = timeout;

@@ -16,7 +16,7 @@ use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::message::ReceivedMessage;
 use crate::telemetry::{Telemetry, prost_duration};
-use crate::transport::{Transport, endpoints, resource};
+use crate::transport::{Transport, endpoints, resource, within};
 
 impl Drop for Consumer {
     fn drop(&mut self) {
@@ -177,25 +177,28 @@ impl Consumer {
             Some(timeout),
         );
         let rpc_error = |s: tonic::Status| Error::from_rpc(endpoint, timeout, &s);
-        let mut stream = self
-            .transport
-            .rpc(endpoint)?
-            .receive_message(request)
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
-        let mut messages = Vec::new();
-        while let Some(frame) = stream.message().await.map_err(rpc_error)? {
-            match frame.content {
-                Some(Content::Status(status)) if status.code == Code::MessageNotFound as i32 => {}
-                Some(Content::Status(status)) => Error::check(endpoint, Some(&status))?,
-                Some(Content::Message(message)) => {
-                    messages.push(ReceivedMessage::from_wire(endpoint, message));
+        let mut rpc = self.transport.rpc(endpoint)?;
+        within(endpoint, timeout, async {
+            let mut stream = rpc
+                .receive_message(request)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let mut messages = Vec::new();
+            while let Some(frame) = stream.message().await.map_err(rpc_error)? {
+                match frame.content {
+                    Some(Content::Status(status))
+                        if status.code == Code::MessageNotFound as i32 => {}
+                    Some(Content::Status(status)) => Error::check(endpoint, Some(&status))?,
+                    Some(Content::Message(message)) => {
+                        messages.push(ReceivedMessage::from_wire(endpoint, message));
+                    }
+                    Some(Content::DeliveryTimestamp(_)) | None => {}
                 }
-                Some(Content::DeliveryTimestamp(_)) | None => {}
             }
-        }
-        Ok(messages)
+            Ok(messages)
+        })
+        .await
     }
 
     pub(crate) async fn ack(&self, message: &ReceivedMessage) -> Result<()> {
@@ -276,7 +279,12 @@ impl Consumer {
                 Some(self.transport.timeout()),
             );
             if let Ok(mut rpc) = self.transport.rpc(&broker) {
-                let _ = rpc.notify_client_termination(request).await;
+                let _ = within(&broker, self.transport.timeout(), async {
+                    rpc.notify_client_termination(request)
+                        .await
+                        .map_err(|s| Error::from_rpc(&broker, self.transport.timeout(), &s))
+                })
+                .await;
             }
         }
         self.telemetry.close();

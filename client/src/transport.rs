@@ -186,10 +186,14 @@ impl Transport {
         R: Reply,
     {
         let timeout = self.timeout();
-        let reply = call(self.rpc(endpoint)?, self.request(body, Some(timeout)))
-            .await
-            .map_err(|s| Error::from_rpc(endpoint, timeout, &s))?
-            .into_inner();
+        let rpc = self.rpc(endpoint)?;
+        let reply = within(endpoint, timeout, async {
+            call(rpc, self.request(body, Some(timeout)))
+                .await
+                .map_err(|s| Error::from_rpc(endpoint, timeout, &s))
+        })
+        .await?
+        .into_inner();
         Error::check(endpoint, reply.status())?;
         Ok(reply)
     }
@@ -311,6 +315,24 @@ fn no_route(topic: &str, cause: Error) -> Error {
             reason: other.to_string(),
         },
     }
+}
+
+/// Runs `call` against `endpoint`, giving up after `timeout`. The `grpc-timeout` header only
+/// asks the server to stop in time; a reply lost on the way (a stalled network, a broker that
+/// hangs) would otherwise be waited for until the connection is declared dead.
+pub(crate) async fn within<T>(
+    endpoint: &str,
+    timeout: Duration,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                endpoint: endpoint.to_owned(),
+                timeout,
+            })
+        })
 }
 
 #[cfg(test)]

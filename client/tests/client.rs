@@ -642,6 +642,80 @@ async fn push_and_broadcast_consumers_follow_a_broker_that_joins_leaves_and_retu
     Ok(())
 }
 
+/// A TCP proxy from `listener` to `target` whose replies are held back while `hold` is true,
+/// as a stalled network would: requests reach the broker, their answers come late.
+fn holding_proxy(
+    listener: tokio::net::TcpListener,
+    target: String,
+    hold: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let broker = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_broker, mut to_broker) = broker.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_broker).await });
+            let mut hold = hold.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 << 10];
+                while let Ok(n @ 1..) = from_broker.read(&mut buf).await {
+                    let _ = hold.wait_for(|held| !held).await;
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_retried_after_a_lost_reply_keeps_its_message_id() -> Result<(), AnyError> {
+    // Clients reach the broker through the proxy: it is the endpoint the broker advertises.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let proxy = listener.local_addr()?.to_string();
+    let advertised = proxy.clone();
+    let broker = start(move |c| c.advertised_endpoint = Some(advertised)).await?;
+    create_topic(&broker.access_point(), "ledger", 1, &["NORMAL"]).await;
+    create_group(&broker.access_point(), "auditors", 16, &[], false).await;
+    let (hold, held) = tokio::sync::watch::channel(false);
+    holding_proxy(listener, broker.access_point(), held);
+    let producer =
+        Producer::builder(ClientConfig::new(&proxy).request_timeout(Duration::from_millis(400)))
+            .topics(["ledger"])
+            .max_attempts(6)
+            .build()
+            .await?;
+    producer.send(Message::new("ledger", "warm-up")).await?;
+
+    // The broker stores each attempt, but the first replies come after the client gave up.
+    hold.send_replace(true);
+    let send = tokio::spawn(async move {
+        let receipt = producer.send(Message::new("ledger", "transfer")).await;
+        (producer, receipt)
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    hold.send_replace(false);
+    let (producer, receipt) = send.await?;
+    let receipt = receipt?;
+
+    let consumer = simple(&broker.access_point(), "auditors", "ledger").await;
+    let copies: Vec<String> = receive_n(&consumer, 5, Duration::from_secs(3))
+        .await
+        .into_iter()
+        .filter(|m| text(m) == "transfer")
+        .map(|m| m.message_id)
+        .collect();
+    assert!(copies.len() >= 2, "expected a resend, got {copies:?}");
+    assert!(
+        copies.iter().all(|id| *id == receipt.message_id),
+        "{copies:?}"
+    );
+    producer.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mistakes_are_refused_with_what_to_do() -> Result<(), AnyError> {
     let broker = start(|c| c.topics.auto_create = false).await?;
