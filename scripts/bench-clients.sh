@@ -26,6 +26,7 @@ if command -v nats-server >/dev/null; then
   nats_pid=$!
 fi
 sleep 2
+kill -0 "$broker_pid" 2>/dev/null || { echo "the broker did not start (is 127.0.0.1:18183 taken?)" >&2; exit 1; }
 
 median() { sort -n | awk '{a[NR]=$1} END {printf "%.0f\n", a[int((NR+1)/2)]}'; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
