@@ -57,6 +57,7 @@ run "ferrumq-client send(), 64 concurrent, 4 shared requests"      "$broker_pid"
 run "ferrumq-client send_batch(128), 8 concurrent"                 "$broker_pid" produce "${ep[@]}" --client native --count 800000 --concurrency 8 --batch 128
 run "raw v2 requests of 128, 8 in flight"                          "$broker_pid" produce "${ep[@]}" --count 800000 --concurrency 8 --batch 128
 run "official rocketmq 5.0.0 send(), 64 concurrent"                "$broker_pid" produce "${ep[@]}" --topic official --client official --count 50000 --concurrency 64
-echo "== consume the backlog: receive 32, ack them in one request, 8 concurrent (median of $runs)"
-run "ferrumq-client SimpleConsumer receive + ack_all"               "$broker_pid" consume "${ep[@]}" --client native --group native --count 400000 --concurrency 8 --batch 32
-run "raw v2 receive + ack"                                         "$broker_pid" consume "${ep[@]}" --group raw --count 400000 --concurrency 8 --batch 32
+echo "== consume the backlog: receive B, ack them in one request, 8 concurrent (median of $runs)"
+run "ferrumq-client SimpleConsumer receive 32 + ack_all"            "$broker_pid" consume "${ep[@]}" --client native --group native --count 400000 --concurrency 8 --batch 32
+run "ferrumq-client SimpleConsumer receive 512 + ack_all"           "$broker_pid" consume "${ep[@]}" --client native --group native512 --count 800000 --concurrency 8 --batch 512
+run "raw v2 receive 32 + ack"                                      "$broker_pid" consume "${ep[@]}" --group raw --count 400000 --concurrency 8 --batch 32

@@ -104,7 +104,11 @@ pub struct Limits {
     pub max_message_group_bytes: usize,
     /// The latest delivery time a producer may ask for, counted from now.
     pub max_delay_ms: u64,
+    /// The most messages one receive hands out. RocketMQ caps it at 32; a larger cap lets a
+    /// client that asks for more pay the per-request cost once per many messages.
     pub max_receive_batch: u32,
+    /// The receive batch push consumers are told to use in the Settings reply.
+    pub push_receive_batch: u32,
     pub min_invisible_ms: u64,
     pub max_invisible_ms: u64,
     pub max_long_polling_ms: u64,
@@ -196,7 +200,8 @@ impl Default for Limits {
             max_batch_messages: 1024,
             max_message_group_bytes: 64,
             max_delay_ms: 7 * 24 * 3600 * 1000,
-            max_receive_batch: 32,
+            max_receive_batch: 1024,
+            push_receive_batch: 32,
             min_invisible_ms: 10_000,
             max_invisible_ms: 12 * 3600 * 1000,
             max_long_polling_ms: 20_000,
@@ -272,6 +277,12 @@ impl BrokerConfig {
         if self.limits.max_receive_batch == 0 {
             return invalid("limits.max_receive_batch", "must be at least 1");
         }
+        if !(1..=self.limits.max_receive_batch).contains(&self.limits.push_receive_batch) {
+            return invalid(
+                "limits.push_receive_batch",
+                "must be at least 1 and at most limits.max_receive_batch",
+            );
+        }
         if self.async_flush_interval_ms == 0 {
             return invalid("async_flush_interval_ms", "must be at least 1");
         }
@@ -336,7 +347,10 @@ mod tests {
             (limits.min_invisible_ms, limits.max_invisible_ms),
             (10_000, 12 * 3600 * 1000)
         );
-        assert_eq!(limits.max_receive_batch, 32);
+        assert_eq!(
+            (limits.max_receive_batch, limits.push_receive_batch),
+            (1024, 32)
+        );
         assert_eq!(limits.max_long_polling_ms, 20_000);
         assert_eq!(config.transactions, TransactionSettings::default());
         assert_eq!(

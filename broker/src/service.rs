@@ -821,7 +821,7 @@ impl Broker {
     pub fn settings_policy(&self, group: Option<&str>) -> ApiResult<SettingsPolicy> {
         let mut policy = SettingsPolicy {
             max_body_size: i32::try_from(self.config.limits.max_body_bytes).unwrap_or(i32::MAX),
-            receive_batch_size: i32::try_from(self.config.limits.max_receive_batch).unwrap_or(32),
+            receive_batch_size: i32::try_from(self.config.limits.push_receive_batch).unwrap_or(32),
             long_polling_timeout_ms: self.config.limits.max_long_polling_ms,
             ..SettingsPolicy::default()
         };

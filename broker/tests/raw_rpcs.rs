@@ -62,16 +62,18 @@ async fn send(client: &mut Client, topic: &str, ids: &[&str]) {
 }
 
 async fn receive(client: &mut Client, group: &str, topic: &str, invisible_ms: u64) -> Vec<Message> {
-    receive_as(client, group, topic, invisible_ms, None).await
+    receive_as(client, group, topic, invisible_ms, None, 32).await
 }
 
-/// A receive from a client that names its language in `x-mq-language`.
+/// A receive of up to `batch` messages from a client that names its language in
+/// `x-mq-language`.
 async fn receive_as(
     client: &mut Client,
     group: &str,
     topic: &str,
     invisible_ms: u64,
     language: Option<&'static str>,
+    batch: i32,
 ) -> Vec<Message> {
     let mut request = call(ReceiveMessageRequest {
         group: resource(group),
@@ -80,7 +82,7 @@ async fn receive_as(
             r#type: FilterType::Tag as i32,
             expression: "*".into(),
         }),
-        batch_size: 32,
+        batch_size: batch,
         invisible_duration: Some(duration(invisible_ms)),
         auto_renew: false,
         long_polling_timeout: Some(prost_types::Duration {
@@ -157,7 +159,7 @@ async fn each_client_language_gets_the_body_digest_form_it_checks() {
     send(&mut client, "digests", &["m21"]).await;
     for (n, (language, kind, checksum)) in expected.into_iter().enumerate() {
         let group = format!("digest-{n}");
-        let messages = receive_as(&mut client, &group, "digests", 30_000, language).await;
+        let messages = receive_as(&mut client, &group, "digests", 30_000, language, 32).await;
         assert_eq!(messages.len(), 1, "{language:?}");
         let digest = messages[0]
             .system_properties
@@ -169,6 +171,29 @@ async fn each_client_language_gets_the_body_digest_form_it_checks() {
         assert_eq!(digest.r#type, kind as i32, "{language:?}");
         assert_eq!(digest.checksum, checksum, "{language:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_hands_out_as_many_as_asked_up_to_the_configured_cap() {
+    let broker = start(|c| c.limits.max_receive_batch = 100).await;
+    let mut client = Client::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    create_group(broker.addr(), "bulk", 16).await;
+    let ids: Vec<String> = (0..250).map(|n| format!("bulk-{n}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    send(&mut client, "bulk", &ids).await;
+    // A receive hands out what is dispatched when it looks; let dispatch reach all 250.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sizes = [
+        receive_as(&mut client, "bulk", "bulk", 30_000, None, 60)
+            .await
+            .len(),
+        receive_as(&mut client, "bulk", "bulk", 30_000, None, 500)
+            .await
+            .len(),
+    ];
+    assert_eq!(sizes, [60, 100]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
