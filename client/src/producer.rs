@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use ferrumq_protocol::v2::telemetry_command::Command;
 use ferrumq_protocol::v2::{
-    self, ClientType, EndTransactionRequest, Publishing, RecallMessageRequest, SendMessageRequest,
-    SendResultEntry, Settings, TelemetryCommand, TransactionSource, settings,
+    self, ClientType, EndTransactionRequest, Publishing, RecallMessageRequest, SendResultEntry,
+    Settings, TelemetryCommand, TransactionSource, settings,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -29,7 +29,7 @@ use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::message::{Message, ReceivedMessage, SendReceipt};
 use crate::telemetry::{CommandHandler, Telemetry};
-use crate::transport::{Transport, resource};
+use crate::transport::{EncodedSend, Transport, resource};
 
 /// A producer's decision on a transaction, or its answer to a check-back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -464,6 +464,7 @@ impl Inner {
         messages: &[v2::Message],
         sticky: Option<u32>,
     ) -> Result<(String, Vec<SendResultEntry>)> {
+        let encoded = EncodedSend::new(messages);
         let mut last = None;
         for attempt in 0..self.options.max_attempts {
             // A broker that is gone is left at once for another; anything else waits a bit.
@@ -491,8 +492,8 @@ impl Inner {
                 });
             };
             self.telemetry.open(&endpoint);
-            match self.send_once(&endpoint, messages.to_vec()).await {
-                Ok(entries) => return Ok((endpoint, entries)),
+            match self.transport.send(&endpoint, encoded.clone()).await {
+                Ok(reply) => return Ok((endpoint, reply.entries)),
                 Err(e) if e.is_retryable() => {
                     tracing::debug!(%e, attempt, "send failed; trying again");
                     if e.is_endpoint_down() {
@@ -505,22 +506,6 @@ impl Inner {
             }
         }
         Err(last.unwrap_or(Error::Shutdown("producer")))
-    }
-
-    async fn send_once(
-        &self,
-        endpoint: &str,
-        messages: Vec<v2::Message>,
-    ) -> Result<Vec<SendResultEntry>> {
-        let reply = self
-            .transport
-            .unary(
-                endpoint,
-                SendMessageRequest { messages },
-                |mut rpc, r| async move { rpc.send_message(r).await },
-            )
-            .await?;
-        Ok(reply.entries)
     }
 }
 

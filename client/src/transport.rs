@@ -11,11 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ferrumq_protocol::v2;
 use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2::{
     Address, AddressScheme, Endpoints, MessageQueue, Permission, QueryRouteRequest, Resource,
 };
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 
 use crate::config::ClientConfig;
@@ -114,7 +116,7 @@ pub(crate) fn endpoints(endpoint: &str) -> Option<Endpoints> {
 #[derive(Debug)]
 pub(crate) struct Transport {
     pub(crate) config: ClientConfig,
-    channels: Mutex<HashMap<String, Rpc>>,
+    channels: Mutex<HashMap<String, Channel>>,
     routes: Mutex<HashMap<String, Arc<Route>>>,
     down_until: Mutex<HashMap<String, Instant>>,
     next: AtomicUsize,
@@ -132,11 +134,11 @@ impl Transport {
         }))
     }
 
-    /// The client for `endpoint`; the connection is made on first use.
-    pub(crate) fn rpc(&self, endpoint: &str) -> Result<Rpc> {
+    /// The channel to `endpoint`; the connection is made on first use.
+    fn channel(&self, endpoint: &str) -> Result<Channel> {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(rpc) = channels.get(endpoint) {
-            return Ok(rpc.clone());
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(channel.clone());
         }
         let channel = Channel::from_shared(format!("http://{endpoint}"))
             .map_err(|e| Error::Config(format!("endpoint {endpoint:?}: {e}")))?
@@ -145,11 +147,43 @@ impl Transport {
             .http2_keep_alive_interval(Duration::from_secs(15))
             .keep_alive_while_idle(true)
             .connect_lazy();
-        let rpc = MessagingServiceClient::new(channel)
+        channels.insert(endpoint.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// The client for `endpoint`; the connection is made on first use.
+    pub(crate) fn rpc(&self, endpoint: &str) -> Result<Rpc> {
+        Ok(MessagingServiceClient::new(self.channel(endpoint)?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
+    }
+
+    /// Sends an encoded `SendMessageRequest`, like `unary` does any other request.
+    pub(crate) async fn send(
+        &self,
+        endpoint: &str,
+        encoded: EncodedSend,
+    ) -> Result<v2::SendMessageResponse> {
+        let timeout = self.timeout();
+        let mut grpc = tonic::client::Grpc::new(self.channel(endpoint)?)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        channels.insert(endpoint.to_owned(), rpc.clone());
-        Ok(rpc)
+        let reply = within(endpoint, timeout, async {
+            let rpc_error = |s: tonic::Status| Error::from_rpc(endpoint, timeout, &s);
+            grpc.ready()
+                .await
+                .map_err(|e| rpc_error(tonic::Status::unknown(e.to_string())))?;
+            let path =
+                PathAndQuery::from_static("/apache.rocketmq.v2.MessagingService/SendMessage");
+            let codec = tonic_prost::ProstCodec::<EncodedSend, v2::SendMessageResponse>::default();
+            grpc.unary(self.request(encoded, Some(timeout)), path, codec)
+                .await
+                .map_err(rpc_error)
+        })
+        .await?
+        .into_inner();
+        Error::check(endpoint, reply.status())?;
+        Ok(reply)
     }
 
     /// A request with the client id header, and a deadline unless `timeout` is `None`
@@ -317,6 +351,52 @@ fn no_route(topic: &str, cause: Error) -> Error {
     }
 }
 
+/// A `SendMessageRequest` encoded once, straight from borrowed messages. Retries send these
+/// bytes again rather than cloning and encoding every message anew.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct EncodedSend(Bytes);
+
+impl EncodedSend {
+    pub(crate) fn new(messages: &[v2::Message]) -> EncodedSend {
+        // `SendMessageRequest { repeated Message messages = 1; }`
+        const MESSAGES: u32 = 1;
+        let len = messages
+            .iter()
+            .map(|m| prost::encoding::message::encoded_len(MESSAGES, m))
+            .sum();
+        let mut encoded = Vec::with_capacity(len);
+        for message in messages {
+            prost::encoding::message::encode(MESSAGES, message, &mut encoded);
+        }
+        EncodedSend(encoded.into())
+    }
+}
+
+impl prost::Message for EncodedSend {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    // Only ever sent, never decoded.
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> std::result::Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0 = Bytes::new();
+    }
+}
+
 /// Runs `call` against `endpoint`, giving up after `timeout`. The `grpc-timeout` header only
 /// asks the server to stop in time; a reply lost on the way (a stalled network, a broker that
 /// hangs) would otherwise be waited for until the connection is declared dead.
@@ -338,6 +418,27 @@ pub(crate) async fn within<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_encoded_send_is_the_request_prost_would_encode() {
+        use prost::Message as _;
+        let messages: Vec<v2::Message> = ["a", "bb", ""]
+            .iter()
+            .map(|body| v2::Message {
+                topic: resource("t"),
+                body: Bytes::from(body.as_bytes().to_vec()),
+                ..v2::Message::default()
+            })
+            .collect();
+        let expected = v2::SendMessageRequest {
+            messages: messages.clone(),
+        }
+        .encode_to_vec();
+        let encoded = EncodedSend::new(&messages);
+        assert_eq!(encoded.encoded_len(), expected.len());
+        assert_eq!(encoded.encode_to_vec(), expected);
+        assert_eq!(v2::SendMessageRequest::decode(encoded.0).unwrap().messages, messages);
+    }
 
     fn queue(host: &str, permission: Permission) -> MessageQueue {
         MessageQueue {
