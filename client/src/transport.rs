@@ -437,7 +437,10 @@ mod tests {
         let encoded = EncodedSend::new(&messages);
         assert_eq!(encoded.encoded_len(), expected.len());
         assert_eq!(encoded.encode_to_vec(), expected);
-        assert_eq!(v2::SendMessageRequest::decode(encoded.0).unwrap().messages, messages);
+        assert_eq!(
+            v2::SendMessageRequest::decode(encoded.0).unwrap().messages,
+            messages
+        );
     }
 
     fn queue(host: &str, permission: Permission) -> MessageQueue {
