@@ -51,19 +51,32 @@ fn crash_child_writer() {
     let first: u64 = first.parse().unwrap();
     let asynchronous = std::env::var_os(CHILD_ASYNC).is_some();
     let store = Arc::new(MessageStore::open(dir.as_ref(), options(asynchronous)).unwrap());
+    // Writers 0 and 2 append one record at a time; 1 and 3 append batches of 60 (over 16 KiB,
+    // which `async` mode writes with pwrite rather than through the mapping).
     let writers: Vec<_> = (0..4u64)
         .map(|t| {
             let store = store.clone();
             std::thread::spawn(move || {
+                let per_append = if t % 2 == 0 { 1 } else { 60 };
+                let mut appended = Vec::new();
                 for i in 0.. {
-                    let n = first + i * 4 + t;
-                    let message = TestMessage::new(n, body_len(n));
-                    let appended = store.append(&message.record()).unwrap();
-                    if !asynchronous {
-                        store.durable(appended.end()).wait().unwrap();
+                    let numbers: Vec<u64> = (i * per_append..(i + 1) * per_append)
+                        .map(|k| first + k * 4 + t)
+                        .collect();
+                    let messages: Vec<_> = numbers
+                        .iter()
+                        .map(|&n| TestMessage::new(n, body_len(n)))
+                        .collect();
+                    let records: Vec<_> = messages.iter().map(TestMessage::record).collect();
+                    appended.clear();
+                    store.append_batch(&records, &mut appended).unwrap();
+                    if !asynchronous && let Some(last) = appended.last() {
+                        store.durable(last.end()).wait().unwrap();
                     }
                     let mut out = std::io::stdout().lock();
-                    writeln!(out, "ACK {n} {}", appended.pos.0).unwrap();
+                    for (n, a) in numbers.iter().zip(&appended) {
+                        writeln!(out, "ACK {n} {}", a.pos.0).unwrap();
+                    }
                     out.flush().unwrap();
                 }
             })
