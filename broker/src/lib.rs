@@ -37,7 +37,7 @@ use ferrumq_nameserver::{NameServer, RouteTable};
 use ferrumq_protocol::admin::admin_service_server::AdminServiceServer;
 use ferrumq_protocol::cluster::cluster_service_server::ClusterServiceServer;
 use ferrumq_protocol::v2::messaging_service_server::MessagingServiceServer;
-use ferrumq_storage::{FlushMode, LogPos, MessageStore, StoreOptions};
+use ferrumq_storage::{FlushMode, MessageStore, StoreOptions};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -175,7 +175,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         None => Routes::Nameservers(config.nameservers.clone()),
     };
     let stop_background = Arc::new(AtomicBool::new(false));
-    let dispatched = spawn_dispatch_watch(store.clone(), stop_background.clone());
+    let dispatched = dispatch_watch(&store);
     let broker = Arc::new(Broker::new(service::Parts {
         config: config.clone(),
         store: store.clone(),
@@ -287,24 +287,15 @@ impl RunningBroker {
     }
 }
 
-/// A thread that turns dispatch progress into a watch value, to wake waiting receives.
-fn spawn_dispatch_watch(store: Arc<MessageStore>, stop: Arc<AtomicBool>) -> watch::Receiver<u64> {
+/// Dispatch progress as a watch value, which wakes waiting receives.
+fn dispatch_watch(store: &MessageStore) -> watch::Receiver<u64> {
     let (tx, rx) = watch::channel(store.dispatched_pos().0);
-    let spawned = std::thread::Builder::new()
-        .name("ferrumq-dispatch-watch".into())
-        .spawn(move || {
-            let mut seen = store.dispatched_pos();
-            while !stop.load(Ordering::Acquire) {
-                if store.wait_dispatched(LogPos(seen.0 + 1), Duration::from_millis(100)) {
-                    seen = store.dispatched_pos();
-                    if tx.send(seen.0).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the dispatch watcher; receives wait out their poll time");
+    if !store.on_dispatched(move |pos| {
+        tx.send_replace(pos.0);
+    }) {
+        tracing::error!(
+            "the store already has a dispatch listener; receives wait out their poll time"
+        );
     }
     rx
 }

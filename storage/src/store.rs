@@ -65,8 +65,12 @@ struct Inner {
     dispatched: AtomicU64,
     dispatched_changed: Condvar,
     dispatched_lock: Mutex<()>,
+    /// Told of each move of the dispatched position, on the dispatcher thread.
+    dispatch_listener: std::sync::OnceLock<DispatchListener>,
     stopping: AtomicBool,
 }
+
+type DispatchListener = Box<dyn Fn(LogPos) + Send + Sync>;
 
 struct DispatchCursor {
     pos: LogPos,
@@ -144,6 +148,7 @@ impl MessageStore {
             dispatched: AtomicU64::new(start.0),
             dispatched_changed: Condvar::new(),
             dispatched_lock: Mutex::new(()),
+            dispatch_listener: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
         });
         let redispatched = {
@@ -301,6 +306,13 @@ impl MessageStore {
     /// Every record below this has its consume-queue and index entries.
     pub fn dispatched_pos(&self) -> LogPos {
         LogPos(self.inner.dispatched.load(Ordering::Acquire))
+    }
+
+    /// Calls `listener` with the dispatched position each time dispatch moves, from the
+    /// dispatcher thread: it must be quick and must not block. One listener per store; a
+    /// second is refused (false).
+    pub fn on_dispatched(&self, listener: impl Fn(LogPos) + Send + Sync + 'static) -> bool {
+        self.inner.dispatch_listener.set(Box::new(listener)).is_ok()
     }
 
     /// Waits until dispatch reaches `pos`; false on timeout.
@@ -504,11 +516,16 @@ impl Inner {
 
     fn publish_dispatched(&self, pos: LogPos) {
         self.dispatched.store(pos.0, Ordering::Release);
-        let _guard = self
-            .dispatched_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.dispatched_changed.notify_all();
+        {
+            let _guard = self
+                .dispatched_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.dispatched_changed.notify_all();
+        }
+        if let Some(listener) = self.dispatch_listener.get() {
+            listener(pos);
+        }
     }
 
     /// The checkpoint, in order: (1) for a clean one only, flush the commit log, (2) fsync

@@ -212,3 +212,22 @@ fn truncating_an_uncommitted_suffix_rewinds_queue_offsets() {
     let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
     assert_eq!(store.log().written_pos(), again[0].end());
 }
+
+#[test]
+fn the_dispatch_listener_hears_every_move_up_to_the_written_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = heard.clone();
+    assert!(store.on_dispatched(move |pos| sink.lock().unwrap().push(pos)));
+    assert!(!store.on_dispatched(|_| {}), "a second listener is refused");
+    let appended = append_all(&store, 0..50, 100);
+    let end = appended.last().unwrap().end();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while heard.lock().unwrap().last() != Some(&end) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let heard = heard.lock().unwrap().clone();
+    assert!(heard.windows(2).all(|w| w[0] <= w[1]), "{heard:?}");
+    assert_eq!(heard.last(), Some(&end));
+}
