@@ -7,6 +7,7 @@
 //! - `e2e`: a producer at a fixed rate and long-polling receivers; the latency is from the
 //!   send call to the receive that returned the message.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -183,6 +184,13 @@ where
     Ok((start.elapsed(), histogram))
 }
 
+/// The next `batch` message numbers below `count` that no other task has taken, or `None`
+/// once every number is taken.
+pub(crate) fn claim_batch(next: &AtomicU64, batch: usize, count: u64) -> Option<Range<u64>> {
+    let first = next.fetch_add(batch as u64, Ordering::Relaxed);
+    (first < count).then(|| first..(first + batch as u64).min(count))
+}
+
 pub(crate) fn micros_since(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
@@ -197,13 +205,8 @@ async fn produce_raw(args: &NetArgs) -> anyhow::Result<(Duration, Histogram<u64>
             (client.clone(), next.clone(), body.clone(), args.clone());
         async move {
             let mut local = new_histogram()?;
-            loop {
-                let first = next.fetch_add(args.batch as u64, Ordering::Relaxed);
-                if first >= args.count {
-                    break;
-                }
-                let n = (args.count - first).min(args.batch as u64);
-                let messages = (first..first + n)
+            while let Some(numbers) = claim_batch(&next, args.batch, args.count) {
+                let messages = numbers
                     .map(|i| message(&args.topic, body.clone(), i))
                     .collect();
                 let sent = Instant::now();
@@ -274,19 +277,14 @@ async fn produce_native(args: &NetArgs) -> anyhow::Result<(Duration, Histogram<u
             (producer.clone(), next.clone(), body.clone(), args.clone());
         async move {
             let mut local = new_histogram()?;
-            loop {
-                let first = next.fetch_add(args.batch as u64, Ordering::Relaxed);
-                if first >= args.count {
-                    break;
-                }
-                let n = (args.count - first).min(args.batch as u64);
+            while let Some(numbers) = claim_batch(&next, args.batch, args.count) {
                 let message = || Message::new(args.topic.as_str(), body.clone());
                 let sent = Instant::now();
-                if n == 1 {
+                if numbers.end - numbers.start == 1 {
                     producer.send(message()).await?;
                 } else {
                     producer
-                        .send_batch((0..n).map(|_| message()).collect())
+                        .send_batch(numbers.map(|_| message()).collect())
                         .await?;
                 }
                 local.record(micros_since(sent))?;

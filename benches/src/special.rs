@@ -26,8 +26,8 @@ use ferrumq_protocol::v2::{
 use tokio::sync::Mutex;
 
 use crate::network::{
-    NetArgs, ack, connect, latency_fields, message_id, micros_since, new_histogram, receive,
-    request, resource, run_tasks, runtime,
+    NetArgs, ack, claim_batch, connect, latency_fields, message_id, micros_since, new_histogram,
+    receive, request, resource, run_tasks, runtime,
 };
 use crate::report::Report;
 
@@ -192,13 +192,8 @@ pub(crate) fn delay(special: &SpecialArgs) -> anyhow::Result<()> {
             let (mut client, next, body, args) =
                 (client.clone(), next.clone(), body.clone(), args.clone());
             async move {
-                loop {
-                    let first = next.fetch_add(args.batch as u64, Ordering::Relaxed);
-                    if first >= args.count {
-                        break;
-                    }
-                    let last = (first + args.batch as u64).min(args.count);
-                    let messages = (first..last)
+                while let Some(numbers) = claim_batch(&next, args.batch, args.count) {
+                    let messages = numbers
                         .map(|i| {
                             let mut m = typed(&args.topic, body.clone(), i, MessageType::Delay);
                             if let Some(system) = m.system_properties.as_mut() {

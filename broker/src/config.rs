@@ -332,6 +332,18 @@ mod tests {
     }
 
     #[test]
+    fn a_push_receive_batch_above_the_receive_cap_is_refused_by_name() {
+        let mut config = BrokerConfig::default();
+        config.limits.max_receive_batch = 16;
+        let Err(ConfigError::Invalid { field, .. }) = config.validate() else {
+            panic!("a push batch of 32 above a cap of 16 was accepted");
+        };
+        assert_eq!(field, "limits.push_receive_batch");
+        config.limits.push_receive_batch = 16;
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
     fn the_defaults_are_the_limits_rocketmq_users_expect() {
         let config = BrokerConfig::default();
         assert_eq!(config.flush, FlushPolicy::Sync);

@@ -516,6 +516,15 @@ async fn push_leases_are_renewed_while_the_client_is_connected_and_released_when
         .into_inner();
     let reply = telemetry.message().await.unwrap().unwrap();
     assert_eq!(reply.status.unwrap().code, Code::Ok as i32);
+    // Push consumers are told RocketMQ's 32, however many a receive may hand out.
+    let Some(telemetry_command::Command::Settings(Settings {
+        pub_sub: Some(settings::PubSub::Subscription(subscription)),
+        ..
+    })) = reply.command
+    else {
+        panic!("the reply is not a subscription's Settings");
+    };
+    assert_eq!(subscription.receive_batch_size, Some(32));
 
     assert!(broker.running.broker.is_connected("push@1#1"));
     let got = receive_auto_renew(&mut client, "push@1#1").await;

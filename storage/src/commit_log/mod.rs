@@ -8,9 +8,9 @@
 //! is copied straight into the mapping, whose pages are faulted in ahead of the writer a chunk
 //! at a time, which saves a system call per record; a batch of at least `PWRITE_MIN_BYTES` is a
 //! `pwrite`, which fills fresh pages without first zeroing them as faulting them in does.
-//! Durability is the flusher thread's job: it flushes
-//! everything written since its last flush in one call and then releases every caller waiting
-//! for a position it covered (group commit). After a failed flush the log is fail-stop: it
+//! Durability is the flusher thread's job: it flushes everything written since its last flush
+//! in one call and then releases every caller waiting for a position it covered (group
+//! commit). After a failed flush the log is fail-stop: it
 //! refuses appends until the process restarts and recovery decides what is on disk.
 
 mod durability;
