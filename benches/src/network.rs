@@ -21,8 +21,8 @@ use ferrumq_protocol::admin::{
 use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2::{
     AckMessageEntry, AckMessageRequest, Code, FilterExpression, FilterType, Message, MessageQueue,
-    MessageType, ReceiveMessageRequest, Resource, SendMessageRequest, SystemProperties,
-    receive_message_response,
+    MessageType, PullMessageRequest, QueryRouteRequest, ReceiveMessageRequest, Resource,
+    SendMessageRequest, SystemProperties, pull_message_response, receive_message_response,
 };
 use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
@@ -69,6 +69,10 @@ pub(crate) struct NetArgs {
     /// sends share.
     #[arg(long, default_value_t = 16)]
     pub(crate) requests: usize,
+    /// consume only: read every queue by offset with PullMessage, as broadcast consumers
+    /// do, B messages per pull and one pull in flight per queue: no leases and no acks.
+    #[arg(long)]
+    pub(crate) pull: bool,
     /// e2e only: messages per second the producer sends.
     #[arg(long, default_value_t = 2000)]
     pub(crate) rate: u64,
@@ -88,6 +92,10 @@ pub(crate) fn request<T>(body: T) -> tonic::Request<T> {
     request.metadata_mut().insert(
         "x-mq-client-id",
         tonic::metadata::MetadataValue::from_static("ferrumq-bench@0#0"),
+    );
+    request.metadata_mut().insert(
+        "x-mq-language",
+        tonic::metadata::MetadataValue::from_static("RUST"),
     );
     request
 }
@@ -404,7 +412,9 @@ pub(crate) fn consume(args: &NetArgs) -> anyhow::Result<()> {
         let received = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
         match args.client {
+            ClientKind::Native if args.pull => bail!("--pull drives --client raw"),
             ClientKind::Native => consume_native(args, &received).await?,
+            ClientKind::Raw if args.pull => consume_pull(args, &received).await?,
             ClientKind::Raw => consume_raw(args, &received).await?,
             ClientKind::Official => {
                 bail!("consume drives --client raw or native; the official client is measured by produce")
@@ -414,7 +424,7 @@ pub(crate) fn consume(args: &NetArgs) -> anyhow::Result<()> {
         let n = received.load(Ordering::Relaxed);
         let mut report = Report::default();
         report
-            .add("mode", "consume")
+            .add("mode", if args.pull { "consume-pull" } else { "consume" })
             .add("client", format!("{:?}", args.client).to_lowercase())
             .add("messages", n)
             .add("batch", args.batch as u64)
@@ -441,6 +451,59 @@ async fn consume_raw(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Resul
                 }
                 ack(&mut client, &args, &messages).await?;
                 received.fetch_add(messages.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// One task per queue of the topic pulls it from offset 0 until a pull comes back empty.
+async fn consume_pull(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Result<()> {
+    let mut client = connect(&args.endpoint).await?;
+    let route = client
+        .query_route(request(QueryRouteRequest {
+            topic: resource(&args.topic),
+            endpoints: None,
+        }))
+        .await?
+        .into_inner();
+    let mut tasks = Vec::new();
+    for queue in route.message_queues {
+        let (mut client, received, args) = (client.clone(), received.clone(), args.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut offset = 0;
+            while received.load(Ordering::Relaxed) < args.count {
+                let pull = request(PullMessageRequest {
+                    group: resource(&args.group),
+                    message_queue: Some(queue.clone()),
+                    offset,
+                    batch_size: i32::try_from(args.batch).unwrap_or(32),
+                    filter_expression: None,
+                    long_polling_timeout: None,
+                });
+                let mut stream = client.pull_message(pull).await?.into_inner();
+                let mut pulled = 0;
+                while let Some(frame) = stream.message().await? {
+                    match frame.content {
+                        Some(pull_message_response::Content::Message(_)) => pulled += 1,
+                        Some(pull_message_response::Content::NextOffset(next)) => offset = next,
+                        Some(pull_message_response::Content::Status(s))
+                            if s.code != Code::Ok as i32
+                                && s.code != Code::MessageNotFound as i32 =>
+                        {
+                            bail!("pull failed: {} {}", s.code, s.message);
+                        }
+                        _ => {}
+                    }
+                }
+                if pulled == 0 {
+                    break;
+                }
+                received.fetch_add(pulled, Ordering::Relaxed);
             }
             Ok::<(), anyhow::Error>(())
         }));

@@ -395,8 +395,7 @@ impl Broker {
             .due_checks(now, &|client| self.is_connected(client))?;
         let mut sent = 0;
         for check in checks {
-            let mut message =
-                message::to_wire(&check.half.view(), None, &self.endpoint, BodyDigest::Md5);
+            let mut message = message::to_wire(&check.half, None, &self.endpoint, BodyDigest::Md5);
             if let Some(system) = message.system_properties.as_mut() {
                 system.queue_id = check
                     .half
@@ -544,12 +543,7 @@ impl Broker {
                             invisible_ms,
                             store_host,
                         };
-                        message::to_wire(
-                            &d.record.view(),
-                            Some(delivery),
-                            store_host,
-                            request.digest,
-                        )
+                        message::to_wire(&d.record, Some(delivery), store_host, request.digest)
                     })
                     .collect());
             }
@@ -734,7 +728,7 @@ impl Broker {
                     let record = self.store.read(entry.log_pos)?;
                     let view = record.view();
                     if filter.matches(&view.properties) {
-                        messages.push(message::to_wire(&view, None, &self.endpoint, digest));
+                        messages.push(message::to_wire(&record, None, &self.endpoint, digest));
                     }
                 }
             }

@@ -8,6 +8,7 @@
 use ferrumq_protocol::v2::Code;
 
 use crate::error::{ApiError, ApiResult};
+use crate::message::{HEX_LOWER, push_hex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReceiptHandle {
@@ -20,13 +21,15 @@ const VERSION: &str = "f1";
 
 impl ReceiptHandle {
     pub fn encode(&self, topic: &str) -> String {
-        format!(
-            "{VERSION}.{:x}.{:x}.{:x}.{:08x}",
-            self.queue_id,
-            self.offset,
-            self.epoch,
-            self.checksum(topic)
-        )
+        let mut text = String::with_capacity(48);
+        text.push_str(VERSION);
+        for value in [u64::from(self.queue_id), self.offset, self.epoch] {
+            text.push('.');
+            push_hex(&mut text, value, 1, HEX_LOWER);
+        }
+        text.push('.');
+        push_hex(&mut text, u64::from(self.checksum(topic)), 8, HEX_LOWER);
+        text
     }
 
     /// Parses a handle received for `topic`; `field` names it in the error.

@@ -276,7 +276,7 @@ impl AdminService for AdminApi {
                 let view = r.view();
                 StoredMessage {
                     message: Some(message::to_wire(
-                        &view,
+                        r,
                         None,
                         &self.broker.endpoint,
                         BodyDigest::Md5,
@@ -322,7 +322,7 @@ impl AdminService for AdminApi {
             .into_iter()
             .map(|d| DiscardedTransaction {
                 message: Some(message::to_wire(
-                    &d.record.view(),
+                    &d.record,
                     None,
                     &self.broker.endpoint,
                     BodyDigest::Md5,
@@ -464,7 +464,7 @@ impl AdminService for AdminApi {
                 let view = letter.record.view();
                 DeadLetter {
                     message: Some(message::to_wire(
-                        &view,
+                        &letter.record,
                         None,
                         &self.broker.endpoint,
                         BodyDigest::Md5,

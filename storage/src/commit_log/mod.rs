@@ -993,6 +993,13 @@ impl StoredRecord {
     }
 }
 
+/// The encoded record, so a `bytes::Bytes` can share the mapping instead of copying it.
+impl AsRef<[u8]> for StoredRecord {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 /// Iterates records in log order, skipping segment ends. Every record it meets was written by
 /// this process or checked by recovery when the log was opened, so their CRCs are not checked
 /// again: that would double the CRC work of every append.
