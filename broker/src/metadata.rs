@@ -191,11 +191,20 @@ impl Metadata {
     /// The topic, created with the defaults if it is unknown and auto-creation is on. A
     /// group's dead-letter topic exists as soon as the group does.
     pub fn topic_or_create(&self, name: &str) -> ApiResult<TopicConfig> {
+        match self.topic_or_default(name)? {
+            (topic, true) => self.put_topic(topic, false),
+            (topic, false) => Ok(topic),
+        }
+    }
+
+    /// The topic, or the one auto-creation would make, not yet saved (`true`): a send checks
+    /// its messages against it and creates it only if they are all accepted.
+    pub fn topic_or_default(&self, name: &str) -> ApiResult<(TopicConfig, bool)> {
         if let Some(topic) = self.topic(name) {
-            return Ok(topic);
+            return Ok((topic, false));
         }
         if let Some(group) = name.strip_prefix(DLQ_PREFIX).and_then(|g| self.group(g)) {
-            return self.dead_letter_topic(&group);
+            return Ok((self.dead_letter_topic(&group)?, false));
         }
         if !self.config.topics.auto_create || is_system_topic(name) {
             return Err(ApiError::new(
@@ -208,7 +217,7 @@ impl Metadata {
             queue_count: self.config.topics.default_queue_count,
             accept_message_types: vec![MessageType::Normal.as_str_name().to_owned()],
         };
-        self.put_topic(topic, false)
+        Ok((topic, true))
     }
 
     /// The dead-letter topic of `group`: one queue, created on first use.

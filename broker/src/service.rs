@@ -241,27 +241,23 @@ impl Broker {
                 ),
             ));
         }
-        let topic = self.topic_or_create(&topic_name)?;
+        // Everything is checked before an unknown topic is created: a refused send leaves
+        // no topic behind.
         let now = now_ms();
         let mut checked = messages
             .into_iter()
             .enumerate()
             .map(|(i, m)| message::check(i, names, m, limits, now))
             .collect::<ApiResult<Vec<_>>>()?;
-        for (i, message) in checked.iter_mut().enumerate() {
-            let wire_type = message.kind.wire_type();
-            if !topic.accepts(wire_type) {
-                return Err(ApiError::new(
-                    Code::MessagePropertyConflictWithType,
-                    format!(
-                        "{} is {}; topic {topic_name:?} accepts {}",
-                        names(i, "system_properties.message_type"),
-                        wire_type.as_str_name(),
-                        topic.accept_message_types.join(", ")
-                    ),
-                ));
+        let (mut topic, new_topic) = self.metadata.topic_or_default(&topic_name)?;
+        self.place_all(&topic, &mut checked, names, now, client_id)?;
+        if new_topic {
+            let created = self.topic_or_create(&topic_name)?;
+            if created != topic {
+                // Created meanwhile with other settings: place against those.
+                self.place_all(&created, &mut checked, names, now, client_id)?;
+                topic = created;
             }
-            self.place(&topic, message, now, client_id)?;
         }
 
         let records: Vec<NewRecord<'_>> = checked
@@ -431,6 +427,34 @@ impl Broker {
         let (message_id, end) = self.timers.recall(topic, handle)?;
         self.durable(Some(end)).await?;
         Ok(message_id)
+    }
+
+    /// Checks that `topic` accepts each message's type and picks its queue.
+    fn place_all(
+        &self,
+        topic: &TopicConfig,
+        checked: &mut [CheckedMessage],
+        names: &FieldNames,
+        now: i64,
+        client_id: &str,
+    ) -> ApiResult<()> {
+        for (i, message) in checked.iter_mut().enumerate() {
+            let wire_type = message.kind.wire_type();
+            if !topic.accepts(wire_type) {
+                return Err(ApiError::new(
+                    Code::MessagePropertyConflictWithType,
+                    format!(
+                        "{} is {}; topic {:?} accepts {}",
+                        names(i, "system_properties.message_type"),
+                        wire_type.as_str_name(),
+                        topic.name,
+                        topic.accept_message_types.join(", ")
+                    ),
+                ));
+            }
+            self.place(topic, message, now, client_id)?;
+        }
+        Ok(())
     }
 
     pub fn topic_or_create(&self, name: &str) -> ApiResult<TopicConfig> {

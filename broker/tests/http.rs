@@ -287,7 +287,7 @@ async fn every_refusal_names_its_field_and_stores_nothing() {
             b"x",
             400,
             "ILLEGAL_DELIVERY_TIME",
-            "header ferrumq-delivery-time",
+            "header ferrumq-delay-ms",
         ),
         (
             "/topics/orders/messages",
@@ -340,6 +340,30 @@ async fn every_refusal_names_its_field_and_stores_nothing() {
         (
             "/topics/orders/messages/batch",
             vec![],
+            br#"{"messages": [{"body": "ok"}, {"body": "x", "delay_ms": 999999999999}]}"#,
+            400,
+            "ILLEGAL_DELIVERY_TIME",
+            "messages[1].delay_ms",
+        ),
+        (
+            "/topics/unknown-yet/messages",
+            vec![("ferrumq-tag", "a|b")],
+            b"x",
+            400,
+            "ILLEGAL_MESSAGE_TAG",
+            "header ferrumq-tag",
+        ),
+        (
+            "/topics/unknown-yet/messages",
+            vec![("ferrumq-message-group", "g1")],
+            b"x",
+            400,
+            "MESSAGE_PROPERTY_CONFLICT_WITH_TYPE",
+            "accepts NORMAL",
+        ),
+        (
+            "/topics/orders/messages/batch",
+            vec![],
             br#"{"messages": [{"bdy": "typo"}]}"#,
             400,
             "BAD_REQUEST",
@@ -373,6 +397,10 @@ async fn every_refusal_names_its_field_and_stores_nothing() {
         );
     }
     assert_eq!(written(&broker), before, "a refusal stored something");
+    assert!(
+        broker.running.broker.metadata.topic("unknown-yet").is_none(),
+        "a refused send created its topic"
+    );
     let (_, metrics) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
         .await
         .unwrap();

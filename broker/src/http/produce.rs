@@ -124,9 +124,11 @@ pub(super) async fn one(
                 &format!("the limit is {limit} bytes"),
             )
         })?;
-        let message = from_headers(&headers)?.into_wire(&topic, Some(body), 0, &header_field)?;
+        let fields = from_headers(&headers)?;
+        let names = delay_naming(header_field, vec![fields.delay_ms.is_some()]);
+        let message = fields.into_wire(&topic, Some(body), 0, &names)?;
         let mut sent = broker
-            .send(vec![message], &header_field, peer, &client_id(peer))
+            .send(vec![message], &names, peer, &client_id(peer))
             .await?;
         let sent = sent
             .pop()
@@ -157,14 +159,16 @@ pub(super) async fn batch(
         })?;
         let request: BatchRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("the request body is not a batch: {e}")))?;
+        let delayed = request.messages.iter().map(|m| m.delay_ms.is_some());
+        let names = delay_naming(json_field, delayed.collect());
         let messages = request
             .messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| m.into_wire(&topic, None, i, &json_field))
+            .map(|(i, m)| m.into_wire(&topic, None, i, &names))
             .collect::<ApiResult<Vec<_>>>()?;
         let sent = broker
-            .send(messages, &json_field, peer, &client_id(peer))
+            .send(messages, &names, peer, &client_id(peer))
             .await?;
         Ok::<_, ApiError>(BatchReceipt {
             messages: sent.into_iter().map(|s| receipt(&topic, s)).collect(),
@@ -389,6 +393,22 @@ fn delivery_timestamp(time: &DeliveryTime) -> Option<prost_types::Timestamp> {
         seconds: time.unix_timestamp(),
         nanos: i32::try_from(time.nanosecond()).ok()?,
     })
+}
+
+/// `names`, except that the delivery time of message `i` is named by the field that gave
+/// it, the delay, when `delayed[i]`.
+fn delay_naming(
+    names: fn(usize, &str) -> String,
+    delayed: Vec<bool>,
+) -> impl Fn(usize, &str) -> String + Send + Sync {
+    move |index, name| {
+        let by_delay = delayed.get(index).copied().unwrap_or(false);
+        if by_delay && name == "system_properties.delivery_timestamp" {
+            names(index, "delay_ms")
+        } else {
+            names(index, name)
+        }
+    }
 }
 
 /// Names a field of a single send by the header (or body) that carries it.
