@@ -398,7 +398,12 @@ async fn every_refusal_names_its_field_and_stores_nothing() {
     }
     assert_eq!(written(&broker), before, "a refusal stored something");
     assert!(
-        broker.running.broker.metadata.topic("unknown-yet").is_none(),
+        broker
+            .running
+            .broker
+            .metadata
+            .topic("unknown-yet")
+            .is_none(),
         "a refused send created its topic"
     );
     let (_, metrics) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))

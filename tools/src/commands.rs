@@ -1,6 +1,6 @@
 //! One function per command: build the request, call the admin service, show the answer.
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 use ferrumq_protocol::admin::admin_service_client::AdminServiceClient;
 use ferrumq_protocol::admin::{
     self, CreateGroupRequest, CreateTopicRequest, DeleteTopicRequest, DescribeGroupRequest,
@@ -15,7 +15,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::output::{Format, MessageOut, Table, emit, fields, time_text};
-use crate::{GroupSettings, QueryBy, ResendWhich, ResetTarget, TopicSettings};
+use crate::{GroupSettings, GroupUpdate, QueryBy, ResendWhich, ResetTarget, TopicSettings};
 
 type Admin = AdminServiceClient<Channel>;
 
@@ -190,7 +190,7 @@ pub(crate) async fn put_topic(
     update: bool,
 ) -> anyhow::Result<()> {
     let mut types = Vec::new();
-    for name in &settings.types {
+    for name in settings.types.iter().flatten() {
         let t = MessageType::from_str_name(&name.trim().to_ascii_uppercase())
             .filter(|t| *t != MessageType::Unspecified)
             .ok_or_else(|| {
@@ -198,15 +198,30 @@ pub(crate) async fn put_topic(
             })?;
         types.push(t as i32);
     }
+    // 0 queues and no types ask the broker for its defaults.
+    let mut queue_count = settings.queues.unwrap_or(0);
     if update {
-        // Updating a topic that does not exist would create it; say so instead.
-        describe(admin, &settings.name).await?;
+        if settings.queues.is_none() && settings.types.is_none() {
+            bail!("topic update: give --queues, --types or both");
+        }
+        // Updating a topic that does not exist would create it; say so instead. What the
+        // update leaves out stays as it is.
+        let current = describe(admin, &settings.name)
+            .await?
+            .topic
+            .unwrap_or_default();
+        if settings.queues.is_none() {
+            queue_count = current.queue_count;
+        }
+        if settings.types.is_none() {
+            types = current.accept_message_types;
+        }
     }
     let reply = admin
         .create_topic(CreateTopicRequest {
             topic: Some(admin::Topic {
                 name: settings.name,
-                queue_count: settings.queues,
+                queue_count,
                 accept_message_types: types,
             }),
             update_existing: update,
@@ -370,6 +385,53 @@ pub(crate) async fn create_group(
                 fifo: settings.fifo,
             }),
             update_existing: false,
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let group = group_out(reply.group.unwrap_or_default());
+    emit(out, &group, |g| groups_table(std::slice::from_ref(g)));
+    Ok(())
+}
+
+pub(crate) async fn update_group(
+    admin: &mut Admin,
+    out: Format,
+    update: GroupUpdate,
+) -> anyhow::Result<()> {
+    let mut group = admin
+        .describe_group(DescribeGroupRequest {
+            group: update.name.clone(),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner()
+        .group
+        .ok_or_else(|| {
+            anyhow!(
+                "the broker described group {:?} without its settings",
+                update.name
+            )
+        })?;
+    if let Some(attempts) = update.max_attempts {
+        group.max_delivery_attempts = attempts;
+    }
+    if let Some(from) = update.from {
+        group.start_position = match from {
+            Start::Earliest => admin::StartPosition::Earliest,
+            Start::Latest => admin::StartPosition::Latest,
+        } as i32;
+    }
+    if update.fifo || update.no_fifo {
+        group.fifo = update.fifo;
+    }
+    if let Some(backoff) = update.retry_backoff_ms {
+        group.retry_backoff_ms = backoff;
+    }
+    let reply = admin
+        .create_group(CreateGroupRequest {
+            group: Some(group),
+            update_existing: true,
         })
         .await
         .map_err(refused)?

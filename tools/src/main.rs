@@ -79,12 +79,13 @@ enum ClusterVerb {
 #[derive(Args)]
 pub(crate) struct TopicSettings {
     pub(crate) name: String,
-    /// Queues; 0 means the broker's default.
-    #[arg(long, default_value_t = 0)]
-    pub(crate) queues: u32,
+    /// Queues. Create: the broker's default when left out. Update: unchanged when left out.
+    #[arg(long)]
+    pub(crate) queues: Option<u32>,
     /// Message types producers may send, comma-separated: NORMAL, FIFO, DELAY, TRANSACTION.
-    #[arg(long, value_delimiter = ',', default_value = "NORMAL")]
-    pub(crate) types: Vec<String>,
+    /// Create: NORMAL when left out. Update: unchanged when left out.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) types: Option<Vec<String>>,
 }
 
 #[derive(Subcommand)]
@@ -123,9 +124,28 @@ pub(crate) struct GroupSettings {
     pub(crate) retry_backoff_ms: Vec<u64>,
 }
 
+/// What `group update` changes; what it leaves out stays as it is.
+#[derive(Args)]
+pub(crate) struct GroupUpdate {
+    pub(crate) name: String,
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+    #[arg(long, value_enum)]
+    pub(crate) from: Option<commands::Start>,
+    #[arg(long, conflicts_with = "no_fifo")]
+    pub(crate) fifo: bool,
+    /// Deliver the group's messages without regard to message groups.
+    #[arg(long)]
+    pub(crate) no_fifo: bool,
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) retry_backoff_ms: Option<Vec<u64>>,
+}
+
 #[derive(Subcommand)]
 enum GroupVerb {
     Create(GroupSettings),
+    /// Change an existing group's settings.
+    Update(GroupUpdate),
     List,
     /// Per queue: acked and delivered offsets, messages in flight, lag.
     Describe {
@@ -284,6 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Noun::Group { verb } => match verb {
             GroupVerb::Create(settings) => commands::create_group(admin, out, settings).await,
+            GroupVerb::Update(update) => commands::update_group(admin, out, update).await,
             GroupVerb::List => commands::list_groups(admin, out).await,
             GroupVerb::Describe { name } => commands::describe_group(admin, out, name).await,
         },

@@ -219,8 +219,28 @@ async fn every_command_against_a_broker_process() {
     );
     let err = blocking(move || fails(at, &["topic", "create", "orders", "--queues", "5"])).await;
     assert!(err.contains("exists"), "{err}");
+    let err = blocking(move || fails(at, &["topic", "create", "orders", "--types", "DELAY"])).await;
+    assert!(
+        err.contains("exists with 2 queues accepting NORMAL, FIFO"),
+        "{err}"
+    );
+    // An update changes what it names and keeps the rest.
     let topic = blocking(move || json(at, &["topic", "update", "orders", "--queues", "3"])).await;
+    assert_eq!(
+        topic,
+        json!({"name": "orders", "queue_count": 3, "message_types": ["NORMAL", "FIFO"]})
+    );
+    let topic = blocking(move || {
+        json(
+            at,
+            &["topic", "update", "orders", "--types", "NORMAL,FIFO,DELAY"],
+        )
+    })
+    .await;
     assert_eq!(topic["queue_count"], 3);
+    assert_eq!(topic["message_types"], json!(["NORMAL", "FIFO", "DELAY"]));
+    let err = blocking(move || fails(at, &["topic", "update", "orders"])).await;
+    assert!(err.contains("give --queues, --types or both"), "{err}");
     blocking(move || {
         json(at, &["topic", "create", "scratch"]);
         json(
@@ -257,6 +277,16 @@ async fn every_command_against_a_broker_process() {
             assert_eq!(created["max_delivery_attempts"], 1);
             assert_eq!(created["start_position"], "EARLIEST");
         }
+        // Creating it again with other settings would silently keep the old ones.
+        json(at, &["group", "create", "ledger", "--from", "earliest"]);
+        let err = fails(at, &["group", "create", "ledger", "--max-attempts", "5"]);
+        assert!(err.contains("exists with other settings"), "{err}");
+        let updated = json(at, &["group", "update", "ledger", "--max-attempts", "5"]);
+        assert_eq!(updated["max_delivery_attempts"], 5);
+        assert_eq!(updated["start_position"], "EARLIEST", "kept: {updated}");
+        let updated = json(at, &["group", "update", "ledger", "--fifo"]);
+        assert_eq!(updated["fifo"], true);
+        assert_eq!(updated["max_delivery_attempts"], 5, "kept: {updated}");
         let names = strings(&json(at, &["group", "list"]), "name");
         assert!(names.contains("billing") && names.contains("audit"));
     })
@@ -518,6 +548,13 @@ async fn errors_say_what_is_wrong() {
         let err = fails(at, &["dlq", "list", "--group", "nobody"]);
         assert!(err.contains("nobody"), "{err}");
         let err = fails(at, &["topic", "update", "nowhere", "--queues", "2"]);
+        assert!(err.contains("topic \"nowhere\" does not exist"), "{err}");
+        let err = fails(
+            at,
+            &["message", "query", "--topic", "nowhere", "--key", "k"],
+        );
+        assert!(err.contains("topic \"nowhere\" does not exist"), "{err}");
+        let err = fails(at, &["txn", "list-discarded", "--topic", "nowhere"]);
         assert!(err.contains("topic \"nowhere\" does not exist"), "{err}");
         let err = fails(at, &["topic", "create", "t", "--types", "NORML"]);
         assert!(err.contains("NORML"), "{err}");

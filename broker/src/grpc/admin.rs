@@ -34,6 +34,14 @@ impl AdminApi {
     pub fn new(broker: Arc<Broker>) -> AdminApi {
         AdminApi { broker }
     }
+
+    /// A query narrowed to a topic names one that exists; an empty name means any topic.
+    fn known_topic(&self, topic: &str) -> Result<(), tonic::Status> {
+        if topic.is_empty() {
+            return Ok(());
+        }
+        self.broker.readable_topic(topic).map(drop).map_err(to_grpc)
+    }
 }
 
 type Reply<T> = Result<Response<T>, tonic::Status>;
@@ -47,6 +55,12 @@ fn to_grpc(e: ApiError) -> tonic::Status {
         Code::InternalServerError | Code::InternalError => tonic::Status::internal(e.message),
         _ => tonic::Status::invalid_argument(e.message),
     }
+}
+
+fn sorted(names: &[String]) -> Vec<&str> {
+    let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+    names.sort_unstable();
+    names
 }
 
 fn wire_topic(t: &TopicConfig) -> Topic {
@@ -108,16 +122,24 @@ impl AdminService for AdminApi {
                 wanted.name
             )));
         }
-        // Asking for the defaults (queue count 0) of an existing topic is not a conflict.
+        // Creating a topic that exists is fine as long as what the request names (a queue
+        // count other than 0, message types) matches it; otherwise it would be silently
+        // ignored.
         if !request.update_existing
-            && topic.queue_count != 0
             && let Some(existing) = self.broker.metadata.topic(&wanted.name)
-            && existing != wanted
         {
-            return Err(tonic::Status::already_exists(format!(
-                "topic {:?} exists with other settings",
-                wanted.name
-            )));
+            let queues_differ =
+                topic.queue_count != 0 && existing.queue_count != wanted.queue_count;
+            let types_differ = !topic.accept_message_types.is_empty()
+                && sorted(&existing.accept_message_types) != sorted(&wanted.accept_message_types);
+            if queues_differ || types_differ {
+                return Err(tonic::Status::already_exists(format!(
+                    "topic {:?} exists with {} queues accepting {}; update it instead",
+                    wanted.name,
+                    existing.queue_count,
+                    existing.accept_message_types.join(", ")
+                )));
+            }
         }
         let created = self
             .broker
@@ -168,7 +190,7 @@ impl AdminService for AdminApi {
             config.max_delivery_attempts = group.max_delivery_attempts;
         }
         if !group.retry_backoff_ms.is_empty() {
-            config.retry_backoff_ms = group.retry_backoff_ms;
+            config.retry_backoff_ms.clone_from(&group.retry_backoff_ms);
         }
         config.start_position = match WireStart::try_from(group.start_position) {
             Ok(WireStart::Earliest) => StartPosition::Earliest,
@@ -180,6 +202,28 @@ impl AdminService for AdminApi {
             }
         };
         config.fifo = group.fifo;
+        // As with topics: an existing group is a conflict when it differs in what the
+        // request names.
+        if !request.update_existing
+            && let Some(existing) = self.broker.metadata.group(&group.name)
+        {
+            let differs = (group.max_delivery_attempts != 0
+                && existing.max_delivery_attempts != config.max_delivery_attempts)
+                || (!group.retry_backoff_ms.is_empty()
+                    && existing.retry_backoff_ms != config.retry_backoff_ms)
+                || (group.start_position != WireStart::Unspecified as i32
+                    && existing.start_position != config.start_position)
+                || existing.fifo != config.fifo;
+            if differs {
+                return Err(tonic::Status::already_exists(format!(
+                    "group {:?} exists with other settings (max delivery attempts {}, start {:?}, fifo {}); update it instead",
+                    group.name,
+                    existing.max_delivery_attempts,
+                    existing.start_position,
+                    existing.fifo
+                )));
+            }
+        }
         let created = self
             .broker
             .metadata
@@ -243,6 +287,7 @@ impl AdminService for AdminApi {
         request: Request<QueryMessageRequest>,
     ) -> Reply<QueryMessageResponse> {
         let request = request.into_inner();
+        self.known_topic(&request.topic)?;
         let to = if request.to_ms == 0 {
             i64::MAX
         } else {
@@ -310,6 +355,7 @@ impl AdminService for AdminApi {
         request: Request<ListDiscardedTransactionsRequest>,
     ) -> Reply<ListDiscardedTransactionsResponse> {
         let request = request.into_inner();
+        self.known_topic(&request.topic)?;
         let max = if request.max == 0 {
             100
         } else {
