@@ -86,7 +86,7 @@ impl GroupConfig {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct MetadataFile {
     topics: BTreeMap<String, TopicConfig>,
     groups: BTreeMap<String, GroupConfig>,
@@ -274,20 +274,22 @@ impl Metadata {
                 )));
             }
         }
-        state.topics.insert(topic.name.clone(), topic.clone());
-        self.persist(&state)?;
+        let mut next = state.clone();
+        next.topics.insert(topic.name.clone(), topic.clone());
+        self.commit(&mut state, next)?;
         Ok(topic)
     }
 
     pub fn delete_topic(&self, name: &str) -> ApiResult<()> {
         let mut state = self.write();
-        if state.topics.remove(name).is_none() {
+        let mut next = state.clone();
+        if next.topics.remove(name).is_none() {
             return Err(ApiError::new(
                 Code::TopicNotFound,
                 format!("topic {name:?} does not exist"),
             ));
         }
-        self.persist(&state)
+        self.commit(&mut state, next)
     }
 
     /// The group, created with the defaults if it is unknown and auto-creation is on.
@@ -333,16 +335,20 @@ impl Metadata {
         if let Some(existing) = state.groups.get(&group.name) {
             group.created_ms = existing.created_ms;
         }
-        state.groups.insert(group.name.clone(), group.clone());
-        self.persist(&state)?;
+        let mut next = state.clone();
+        next.groups.insert(group.name.clone(), group.clone());
+        self.commit(&mut state, next)?;
         Ok(group)
     }
 
-    fn persist(&self, state: &MetadataFile) -> ApiResult<()> {
-        let bytes = serde_json::to_vec_pretty(state)
+    /// Saves `next`, then makes it the state: a change that cannot be saved is not made.
+    fn commit(&self, state: &mut MetadataFile, next: MetadataFile) -> ApiResult<()> {
+        let bytes = serde_json::to_vec_pretty(&next)
             .map_err(|e| ApiError::internal(format!("encoding metadata: {e}")))?;
         files::replace_file(&self.path, &bytes)
-            .map_err(|e| ApiError::internal(format!("saving metadata: {e}")))
+            .map_err(|e| ApiError::internal(format!("saving metadata: {e}")))?;
+        *state = next;
+        Ok(())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, MetadataFile> {
@@ -395,6 +401,24 @@ mod tests {
         assert_eq!(metadata.topic("t").unwrap().queue_count, 8);
         assert_eq!(metadata.group("g").unwrap().max_delivery_attempts, 3);
         assert_eq!(metadata.group("g").unwrap().created_ms, 42);
+    }
+
+    #[test]
+    fn a_change_that_cannot_be_saved_is_not_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let metadata = Metadata::open(&data, Arc::new(BrokerConfig::default())).unwrap();
+        metadata.topic_or_create("kept").unwrap();
+        // A file where the directory was: the metadata file can no longer be written.
+        std::fs::remove_dir_all(&data).unwrap();
+        std::fs::write(&data, b"").unwrap();
+        assert!(metadata.topic_or_create("t").is_err());
+        assert!(metadata.topic("t").is_none());
+        assert!(metadata.put_group(metadata.default_group("g", 1), false).is_err());
+        assert!(metadata.group("g").is_none());
+        assert!(metadata.delete_topic("kept").is_err());
+        assert!(metadata.topic("kept").is_some());
     }
 
     #[test]
