@@ -415,7 +415,11 @@ mod tests {
         std::fs::write(&data, b"").unwrap();
         assert!(metadata.topic_or_create("t").is_err());
         assert!(metadata.topic("t").is_none());
-        assert!(metadata.put_group(metadata.default_group("g", 1), false).is_err());
+        assert!(
+            metadata
+                .put_group(metadata.default_group("g", 1), false)
+                .is_err()
+        );
         assert!(metadata.group("g").is_none());
         assert!(metadata.delete_topic("kept").is_err());
         assert!(metadata.topic("kept").is_some());

@@ -206,24 +206,29 @@ async fn change_invisible_duration_renews_the_lease_with_a_new_handle() {
     send(&mut client, "t", &["M1"]).await;
     let first = receive(&mut client, "g", "t", 30_000).await;
     assert_eq!(first.len(), 1);
+    let change = |h: String, seconds: i64| ChangeInvisibleDurationRequest {
+        group: resource("g"),
+        topic: resource("t"),
+        receipt_handle: h,
+        invisible_duration: Some(prost_types::Duration { seconds, nanos: 0 }),
+        message_id: "M1".into(),
+    };
     let response = client
-        .change_invisible_duration(call(ChangeInvisibleDurationRequest {
-            group: resource("g"),
-            topic: resource("t"),
-            receipt_handle: handle(&first[0]),
-            invisible_duration: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            message_id: "M1".into(),
-        }))
+        .change_invisible_duration(call(change(handle(&first[0]), 30)))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(response.status.unwrap().code, Code::Ok as i32);
     let renewed = response.receipt_handle;
     assert_ne!(renewed, handle(&first[0]));
-    // The old handle is stale now.
+    // A client whose reply to that change was lost still holds the first handle: it acts
+    // on the same delivery.
+    let response = client
+        .change_invisible_duration(call(change(handle(&first[0]), 1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.status.unwrap().code, Code::Ok as i32);
     let ack = |h: String| AckMessageRequest {
         group: resource("g"),
         topic: resource("t"),
@@ -232,15 +237,6 @@ async fn change_invisible_duration_renews_the_lease_with_a_new_handle() {
             receipt_handle: h,
         }],
     };
-    let stale = client
-        .ack_message(call(ack(handle(&first[0]))))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        stale.status.unwrap().code,
-        Code::InvalidReceiptHandle as i32
-    );
     // The shortened lease ends in a second: the message comes back with attempt 2.
     let mut again = Vec::new();
     for _ in 0..5 {
@@ -251,6 +247,18 @@ async fn change_invisible_duration_renews_the_lease_with_a_new_handle() {
     }
     assert_eq!(again.len(), 1);
     assert_eq!(attempt(&again[0]), 2);
+    // Every handle of the first delivery is stale now.
+    for old in [handle(&first[0]), renewed] {
+        let stale = client
+            .ack_message(call(ack(old)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            stale.status.unwrap().code,
+            Code::InvalidReceiptHandle as i32
+        );
+    }
     let ok = client
         .ack_message(call(ack(handle(&again[0]))))
         .await

@@ -888,7 +888,7 @@ fn check_lease(
         return Ok(LeaseCheck::AlreadyDone);
     }
     match queue.and_then(|q| q.leases.get(&handle.offset)) {
-        Some(lease) if lease.epoch == handle.epoch => Ok(LeaseCheck::Current),
+        Some(lease) if lease.issued(handle.epoch) => Ok(LeaseCheck::Current),
         Some(_) => Err(ApiError::new(
             Code::InvalidReceiptHandle,
             format!("{field} is stale: the message was delivered again or its lease changed"),

@@ -2,8 +2,9 @@
 //!
 //! A handle names the queue, the queue offset and the lease epoch, and carries a CRC32 over
 //! them and the topic, so a handle that was mangled, or sent with another topic, is refused.
-//! The epoch changes at every delivery and every lease change, so a handle from an earlier
-//! delivery no longer acts on the message.
+//! The epoch changes at every delivery and every lease change. Every handle of the current
+//! delivery acts on the message, the first and each one a lease change returned; a handle
+//! from an earlier delivery no longer does.
 
 use ferrumq_protocol::v2::Code;
 

@@ -14,8 +14,13 @@ use serde::{Deserialize, Serialize};
 pub struct Lease {
     /// Deliveries so far, this one included (the first delivery is 1).
     pub attempt: u32,
-    /// Changes at every delivery and lease change; a receipt handle must name the current one.
+    /// Changes at every delivery and lease change.
     pub epoch: u64,
+    /// The epoch of the delivery this lease belongs to; 0 in leases journaled before it was
+    /// kept. Every handle issued since, the delivery's own and each lease change's, acts on
+    /// the lease: a client that lost the reply to a lease change still holds a good one.
+    #[serde(default)]
+    pub delivered_epoch: u64,
     /// When the message may be delivered again.
     pub visible_at_ms: i64,
     /// For a push consumer's auto-renewed lease: the broker extends it until this time (0:
@@ -25,6 +30,16 @@ pub struct Lease {
     /// The client id that received the message on an auto-renewed lease.
     #[serde(default)]
     pub owner: String,
+}
+
+impl Lease {
+    /// Whether a receipt handle with `epoch` was issued for this delivery.
+    pub fn issued(&self, epoch: u64) -> bool {
+        if self.delivered_epoch == 0 {
+            return epoch == self.epoch;
+        }
+        (self.delivered_epoch..=self.epoch).contains(&epoch)
+    }
 }
 
 /// One queue as one group sees it.
@@ -205,6 +220,7 @@ impl ConsumerState {
                             Lease {
                                 attempt,
                                 epoch: *epoch,
+                                delivered_epoch: *epoch,
                                 visible_at_ms: *visible_at_ms,
                                 renew_until_ms: *renew_until_ms,
                                 owner: owner.clone(),
@@ -291,6 +307,31 @@ mod pull_offsets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_takes_every_handle_of_its_delivery_and_no_older_one() {
+        let mut state = ConsumerState::default();
+        state.apply(&deliver(&[5], 10));
+        let lease = |state: &ConsumerState| state.queue("g", "t", 0).unwrap().leases[&5].clone();
+        state.apply(&Op::Renew {
+            group: "g".into(),
+            topic: "t".into(),
+            queue_id: 0,
+            offset: 5,
+            epoch: 12,
+            visible_at_ms: 200,
+            renew_until_ms: 0,
+        });
+        let renewed = lease(&state);
+        assert!(renewed.issued(10) && renewed.issued(12));
+        assert!(!renewed.issued(9) && !renewed.issued(13));
+        // A lease journaled before deliveries were kept takes its current handle only.
+        let old = Lease {
+            delivered_epoch: 0,
+            ..renewed
+        };
+        assert!(old.issued(12) && !old.issued(10));
+    }
 
     #[test]
     fn a_reset_moves_the_floor_and_ends_leases_in_either_direction() {
