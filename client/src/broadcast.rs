@@ -377,7 +377,7 @@ impl Inner {
         endpoint: &str,
         offset: i64,
     ) -> Result<(Vec<ReceivedMessage>, i64)> {
-        let timeout = self.long_polling + self.transport.timeout();
+        let timeout = self.long_polling.saturating_add(self.transport.timeout());
         let request = self.transport.request(
             PullMessageRequest {
                 group: resource(&self.group),

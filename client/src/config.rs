@@ -38,7 +38,8 @@ impl ClientConfig {
         }
     }
 
-    /// Another access point, tried when the earlier ones do not answer.
+    /// Another access point. Route lookups take the access points in turn, and move on to
+    /// the next when one does not answer or cannot say (anything but "no such topic").
     #[must_use]
     pub fn with_access_point(mut self, access_point: impl Into<String>) -> ClientConfig {
         self.access_points.push(access_point.into());

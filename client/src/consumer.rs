@@ -153,7 +153,7 @@ impl Consumer {
         poll: Duration,
     ) -> Result<Vec<ReceivedMessage>> {
         let (topic, filter) = &self.subscriptions[subscription];
-        let timeout = poll + self.transport.timeout();
+        let timeout = poll.saturating_add(self.transport.timeout());
         let request = self.transport.request(
             ReceiveMessageRequest {
                 group: resource(&self.group),

@@ -90,8 +90,15 @@ impl Message {
 
     /// Delivers the message `delay` from now.
     #[must_use]
-    pub fn deliver_after(self, delay: Duration) -> Message {
-        self.deliver_at(SystemTime::now() + delay)
+    pub fn deliver_after(mut self, delay: Duration) -> Message {
+        match SystemTime::now().checked_add(delay) {
+            Some(time) => self.deliver_at(time),
+            // Past any time the clock can name: the broker refuses it as out of range.
+            None => {
+                self.deliver_at_ms = Some(i64::MAX);
+                self
+            }
+        }
     }
 
     /// Sets the message id (34 hex digits, as the RocketMQ clients make them). Left unset, the
@@ -346,6 +353,12 @@ mod tests {
             .deliver_after(Duration::from_secs(1));
         assert!(error(both).contains("both"));
         assert!(Message::new("t", "b").with_tag("paid").validate(10).is_ok());
+    }
+
+    #[test]
+    fn a_delay_past_the_clock_is_far_future_not_a_panic() {
+        let message = Message::new("t", "x").deliver_after(Duration::MAX);
+        assert_eq!(message.deliver_at_ms, Some(i64::MAX));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -29,6 +30,9 @@ use crate::config::ClientConfig;
 use crate::consumer::{Consumer, Filter};
 use crate::error::{Error, Result};
 use crate::message::ReceivedMessage;
+
+/// RocketMQ's longest lease.
+const MAX_INVISIBLE: Duration = Duration::from_secs(12 * 3600);
 
 /// What the listener made of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,9 +116,9 @@ impl PushConsumerBuilder {
         if self.concurrency == 0 {
             return Err(Error::Config("concurrency must be at least 1".into()));
         }
-        if self.invisible < Duration::from_millis(300) {
+        if self.invisible < Duration::from_millis(300) || self.invisible > MAX_INVISIBLE {
             return Err(Error::Config(
-                "invisible_duration must be at least 300 ms".into(),
+                "invisible_duration must be between 300 ms and 12 h (the broker's own limits, 10 s to 12 h by default, apply too)".into(),
             ));
         }
         let core = Consumer::start(
@@ -126,6 +130,12 @@ impl PushConsumerBuilder {
         .await?;
         let policy = core.subscription_settings().await;
         let fifo = policy.as_ref().and_then(|(s, _)| s.fifo).unwrap_or(false);
+        let receive_batch = policy
+            .as_ref()
+            .and_then(|(s, _)| s.receive_batch_size)
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(32);
         let backoff = policy
             .and_then(|(_, retry)| retry)
             .and_then(|r| r.strategy)
@@ -136,6 +146,8 @@ impl PushConsumerBuilder {
             listener,
             permits: Arc::new(Semaphore::new(self.concurrency)),
             concurrency: self.concurrency,
+            receive_batch,
+            loops: AtomicUsize::new(0),
             invisible: self.invisible,
             long_polling: self.long_polling,
             ordered: self.ordered.unwrap_or(fifo),
@@ -160,6 +172,10 @@ struct Inner {
     listener: Listener,
     permits: Arc<Semaphore>,
     concurrency: usize,
+    /// The most one receive asks for, as the broker's Settings say (32 if they do not).
+    receive_batch: usize,
+    /// Receive loops running: each holds at most its share of the permits while it waits.
+    loops: AtomicUsize,
     invisible: Duration,
     long_polling: Duration,
     ordered: bool,
@@ -231,6 +247,7 @@ impl Inner {
                     }
                 }
             }
+            self.loops.store(running.len(), Ordering::Relaxed);
             tokio::select! {
                 () = tokio::time::sleep(self.core.transport.config.route_refresh) => {}
                 _ = stop.wait_for(|s| *s) => break,
@@ -258,14 +275,18 @@ impl Inner {
         let mut stop = self.stop.subscribe();
         loop {
             let first = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return (subscription, broker),
                 permit = self.permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => return (subscription, broker),
                 },
-                _ = stop.wait_for(|s| *s) => return (subscription, broker),
             };
+            // A loop waiting at an idle broker holds no more than its share of the
+            // permits, so it cannot starve the loops whose brokers have messages.
+            let share = self.concurrency / self.loops.load(Ordering::Relaxed).max(1);
             let mut permits = vec![first];
-            while permits.len() < 32 {
+            while permits.len() < self.receive_batch.min(share) {
                 match self.permits.clone().try_acquire_owned() {
                     Ok(permit) => permits.push(permit),
                     Err(_) => break,

@@ -263,7 +263,12 @@ impl Transport {
                         .insert(topic.to_owned(), route.clone());
                     return Ok(route);
                 }
-                Err(e @ Error::Broker { .. }) => return Err(no_route(topic, e)),
+                // Only an unknown topic is the answer; a broker that cannot say now (say, it
+                // lost its nameserver) leaves the other access points to ask.
+                Err(e) if e.code() == Some(v2::Code::TopicNotFound) => {
+                    return Err(no_route(topic, e));
+                }
+                Err(e @ Error::Broker { .. }) => last = Some(e),
                 Err(e) => {
                     self.mark_down(&point);
                     last = Some(e);
@@ -301,7 +306,10 @@ impl Transport {
         self.down_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(endpoint.to_owned(), Instant::now() + self.config.down_for);
+            .insert(
+                endpoint.to_owned(),
+                down_until(Instant::now(), self.config.down_for),
+            );
     }
 
     /// `endpoints` rotated to start at `start` (a FIFO message group's broker, kept first
@@ -397,6 +405,14 @@ impl prost::Message for EncodedSend {
     }
 }
 
+/// When an endpoint that failed at `now` is tried first again; a `down_for` past what the
+/// clock can hold means a year.
+fn down_until(now: Instant, down_for: Duration) -> Instant {
+    now.checked_add(down_for)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
+}
+
 /// Runs `call` against `endpoint`, giving up after `timeout`. The `grpc-timeout` header only
 /// asks the server to stop in time; a reply lost on the way (a stalled network, a broker that
 /// hangs) would otherwise be waited for until the connection is declared dead.
@@ -468,6 +484,16 @@ mod tests {
         };
         assert_eq!(route.brokers(true), ["10.0.0.1:8081", "broker-c:8081"]);
         assert_eq!(route.brokers(false), ["10.0.0.1:8081", "10.0.0.2:8081"]);
+    }
+
+    #[test]
+    fn any_down_time_is_a_time_not_a_panic() {
+        let now = Instant::now();
+        assert_eq!(
+            down_until(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert!(down_until(now, Duration::MAX) > now);
     }
 
     #[test]

@@ -717,6 +717,47 @@ async fn a_send_retried_after_a_lost_reply_keeps_its_message_id() -> Result<(), 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_lookup_moves_past_an_access_point_that_cannot_answer() -> Result<(), AnyError> {
+    // A broker of a cluster whose nameserver is gone answers route lookups with an error.
+    let lonely = start(|c| {
+        c.nameservers = vec!["127.0.0.1:1".into()];
+        c.broker_name = "lonely".into();
+    })
+    .await?;
+    let good = start(|_| {}).await?;
+    create_topic(&good.access_point(), "routed", 2, &["NORMAL"]).await;
+    // Alone, the lonely broker leaves a producer without a route.
+    let alone = Producer::builder(ClientConfig::new(lonely.access_point()))
+        .build()
+        .await?;
+    let err = alone.send(Message::new("routed", "x")).await.unwrap_err();
+    assert!(err.to_string().contains("nameserver"), "{err}");
+    alone.shutdown().await;
+    // With the access points in either order, some of these producers look the route up
+    // at the lonely broker first.
+    for n in 0..4 {
+        let (first, second) = if n % 2 == 0 {
+            (&lonely, &good)
+        } else {
+            (&good, &lonely)
+        };
+        let config = ClientConfig::new(first.access_point())
+            .with_access_point(second.access_point())
+            .request_timeout(Duration::from_secs(5));
+        // `topics` looks the route up once, at build: that lookup must find it.
+        let producer = Producer::builder(config).topics(["routed"]).build().await?;
+        let receipt = producer
+            .send(Message::new("routed", format!("m{n}")))
+            .await?;
+        assert_eq!(receipt.endpoint, good.access_point());
+        producer.shutdown().await;
+    }
+    lonely.running.shutdown().await?;
+    good.running.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mistakes_are_refused_with_what_to_do() -> Result<(), AnyError> {
     let broker = start(|c| c.topics.auto_create = false).await?;
     let ap = broker.access_point();
