@@ -1,6 +1,7 @@
 //! The broker's domain service: what each client request does, independent of gRPC. The
 //! handlers in `grpc/` only convert requests and responses and call in here.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -91,6 +92,9 @@ pub struct Broker {
     pub dispatched: watch::Receiver<u64>,
     next_queue: AtomicU32,
     telemetry: Mutex<Vec<(String, TelemetrySender)>>,
+    /// The topics each producer declared in its Settings: it is asked about their
+    /// transactions too, even with a client id the broker has not seen them from.
+    declared_topics: Mutex<HashMap<String, Vec<String>>>,
     /// Wakes waiting receives when a message is finished or its lease changes: in a FIFO
     /// group that frees the next message of its message group.
     released: tokio::sync::Notify,
@@ -154,6 +158,7 @@ impl Broker {
             dispatched: parts.dispatched,
             next_queue: AtomicU32::new(0),
             telemetry: Mutex::new(Vec::new()),
+            declared_topics: Mutex::new(HashMap::new()),
             released: tokio::sync::Notify::new(),
         }
     }
@@ -386,9 +391,11 @@ impl Broker {
 
     /// Sends the due transaction check-backs to their producers' Telemetry streams.
     pub fn send_check_backs(&self, now: i64) -> ApiResult<usize> {
-        let checks = self
-            .transactions
-            .due_checks(now, &|client| self.is_connected(client))?;
+        let checks =
+            self.transactions
+                .due_checks(now, &|client| self.is_connected(client), &|topic| {
+                    self.declaring(topic)
+                })?;
         let mut sent = 0;
         for check in checks {
             let mut message = message::to_wire(&check.half, None, &self.endpoint, BodyDigest::Md5);
@@ -877,6 +884,31 @@ impl Broker {
     }
 
     /// Whether the client still has a Telemetry stream open with this broker.
+    /// Records the topics a producer declared in its Settings.
+    pub fn declare_topics(&self, client_id: &str, topics: Vec<String>) {
+        let mut declared = self
+            .declared_topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        declared.retain(|client, _| self.is_connected(client));
+        declared.insert(client_id.to_owned(), topics);
+    }
+
+    /// The connected producers that declared `topic`.
+    fn declaring(&self, topic: &str) -> Vec<String> {
+        let declared = self
+            .declared_topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        declared
+            .iter()
+            .filter(|(client, topics)| {
+                topics.iter().any(|t| t == topic) && self.is_connected(client)
+            })
+            .map(|(client, _)| client.clone())
+            .collect()
+    }
+
     pub fn is_connected(&self, client_id: &str) -> bool {
         let streams = self
             .telemetry

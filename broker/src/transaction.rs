@@ -437,13 +437,17 @@ impl Transactions {
         Ok(end)
     }
 
-    /// The check-backs due at `now_ms`, each to a live producer (`is_live`) of the topic,
-    /// another one than last time when there is one. Transactions checked `max_checks`
-    /// times are discarded instead.
+    /// The check-backs due at `now_ms`, each to a live producer of the topic, another one
+    /// than last time when there is one. The producers are those that sent transactional
+    /// messages to the topic and are live (`is_live`), then those connected now that declare
+    /// the topic (`declaring`): a producer process that restarted has a new client id. A
+    /// check counts only when a producer is asked; transactions checked `max_checks` times
+    /// are discarded instead.
     pub fn due_checks(
         &self,
         now_ms: i64,
         is_live: &dyn Fn(&str) -> bool,
+        declaring: &dyn Fn(&str) -> Vec<String>,
     ) -> ApiResult<Vec<CheckBack>> {
         let mut state = self.lock();
         let due: Vec<u64> = state
@@ -476,23 +480,36 @@ impl Transactions {
                 state.set(half, Decision::Discarded);
                 continue;
             }
-            // Every producer seen publishing to the topic, oldest first, that is connected.
-            let mut candidates: Vec<&String> = state
+            // Every producer seen publishing to the topic, oldest first, that is connected;
+            // then those that declare the topic.
+            let mut candidates: Vec<String> = state
                 .producers
                 .get(&pending.topic)
                 .into_iter()
                 .flatten()
+                .cloned()
                 .collect();
-            if !candidates.contains(&&pending.producer) {
-                candidates.push(&pending.producer);
+            if !candidates.contains(&pending.producer) {
+                candidates.push(pending.producer.clone());
             }
             candidates.retain(|c| is_live(c));
+            for client in declaring(&pending.topic) {
+                if !candidates.contains(&client) {
+                    candidates.push(client);
+                }
+            }
             let next = pending
                 .last_asked
                 .as_ref()
-                .and_then(|last| candidates.iter().position(|c| *c == last))
+                .and_then(|last| candidates.iter().position(|c| c == last))
                 .map_or(0, |i| (i + 1) % candidates.len().max(1));
-            let client = candidates.get(next).map(|c| (*c).clone());
+            let Some(client) = candidates.get(next).cloned() else {
+                // Nobody to ask: not counted as a check, so a transaction whose producers
+                // are all away is not discarded for it. Asked again after the interval.
+                tracing::info!(half, "no live producer to check a transaction with");
+                state.reschedule(half, now_ms.saturating_add(interval));
+                continue;
+            };
             let count = pending.checks + 1;
             self.journal(&Op::Checked {
                 half,
@@ -500,17 +517,14 @@ impl Transactions {
             })?;
             if let Some(p) = state.pending.get_mut(&half) {
                 p.checks = count;
-                p.last_asked.clone_from(&client);
+                p.last_asked = Some(client.clone());
             }
             state.reschedule(half, now_ms.saturating_add(interval));
-            match client {
-                Some(client) => checks.push(CheckBack {
-                    half: record,
-                    transaction_id: transaction_id(half),
-                    client,
-                }),
-                None => tracing::info!(half, "no live producer to check a transaction with"),
-            }
+            checks.push(CheckBack {
+                half: record,
+                transaction_id: transaction_id(half),
+                client,
+            });
         }
         Ok(checks)
     }

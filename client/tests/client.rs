@@ -758,6 +758,47 @@ async fn a_route_lookup_moves_past_an_access_point_that_cannot_answer() -> Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_producer_answers_the_check_backs_of_its_predecessor() -> Result<(), AnyError> {
+    let broker = start(|c| {
+        c.transactions.check_immunity_ms = 200;
+        c.transactions.check_interval_ms = 300;
+        c.transactions.max_checks = 2;
+    })
+    .await?;
+    let ap = broker.access_point();
+    create_topic(&ap, "payouts", 2, &["TRANSACTION"]).await;
+    create_group(&ap, "g-payouts", 16, &[], false).await;
+    let checker =
+        |answer: TransactionResolution| move |_message: ReceivedMessage| async move { answer };
+    // The first process begins a transaction and dies before it decides.
+    let crashed = Producer::builder(ClientConfig::new(&ap))
+        .transaction_checker(checker(TransactionResolution::Unknown))
+        .build()
+        .await?;
+    let open = crashed.begin(Message::new("payouts", "p-1")).await?;
+    let id = open.message_id().to_owned();
+    drop(open);
+    drop(crashed);
+    // Several check intervals with nobody to ask: not counted, so not discarded.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Its successor, a new client id, declares the topic and commits what it is asked.
+    let successor = Producer::builder(ClientConfig::new(&ap))
+        .topics(["payouts"])
+        .transaction_checker(checker(TransactionResolution::Commit))
+        .build()
+        .await?;
+    let consumer = simple(&ap, "g-payouts", "payouts").await;
+    let got = receive_n(&consumer, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        got.iter().map(|m| m.message_id.clone()).collect::<Vec<_>>(),
+        [id]
+    );
+    successor.shutdown().await;
+    broker.running.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mistakes_are_refused_with_what_to_do() -> Result<(), AnyError> {
     let broker = start(|c| c.topics.auto_create = false).await?;
     let ap = broker.access_point();

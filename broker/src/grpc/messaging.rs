@@ -448,11 +448,15 @@ impl MessagingService for MessagingApi {
     ) -> Reply<BoxStream<TelemetryCommand>> {
         let client = session::client_id(request.metadata())
             .map_err(|s| tonic::Status::invalid_argument(s.message))?;
-        let broker = self.broker.clone();
+        let (broker, publisher) = (self.broker.clone(), client.clone());
         let (sender, stream) = session::serve_telemetry(request.into_inner(), move |settings| {
             let group = match &settings.pub_sub {
                 Some(settings::PubSub::Subscription(s)) => s.group.as_ref().map(|g| g.name.clone()),
-                Some(settings::PubSub::Publishing(_)) => None,
+                Some(settings::PubSub::Publishing(p)) => {
+                    let topics = p.topics.iter().map(|t| t.name.clone()).collect();
+                    broker.declare_topics(&publisher, topics);
+                    None
+                }
                 None => {
                     return Err(Status::new(
                         Code::UnrecognizedClientType,
