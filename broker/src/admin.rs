@@ -49,6 +49,8 @@ pub struct Resent {
     pub resent: usize,
     pub pending: u64,
     pub not_found: Vec<String>,
+    /// Ids of dead letters whose original topic is gone: left waiting, not resent.
+    pub orphaned: Vec<String>,
 }
 
 /// What one group did with one message.
@@ -123,8 +125,9 @@ impl Broker {
     }
 
     /// Sends dead letters of `group` back to their original topics, keeping their message
-    /// ids: those named in `ids`, or the oldest `max` when `ids` is empty. Answered once the
-    /// copies and their handling are durable.
+    /// ids: those named in `ids`, or the oldest `max` when `ids` is empty. One whose topic is
+    /// gone is passed over and named in `orphaned`. Answered once the copies and their
+    /// handling are durable.
     pub async fn resend_dead_letters(
         &self,
         group: &str,
@@ -134,6 +137,7 @@ impl Broker {
         let group = self.known_group(group)?;
         let dlq = group.dead_letter_topic();
         let mut chosen = Vec::new();
+        let mut orphaned = Vec::new();
         let mut found = vec![false; ids.len()];
         for offset in self.waiting_dead_letters(&dlq) {
             if ids.is_empty() && chosen.len() >= max {
@@ -152,6 +156,15 @@ impl Broker {
                 Some(i) => found[i] = true,
                 None if ids.is_empty() => {}
                 None => continue,
+            }
+            let origin = letter
+                .record
+                .view()
+                .properties
+                .get(property::DLQ_ORIGIN_TOPIC);
+            if origin.and_then(|t| self.metadata.topic(t)).is_none() {
+                orphaned.push(id.to_owned());
+                continue;
             }
             chosen.push(letter);
         }
@@ -225,6 +238,7 @@ impl Broker {
             resent: records.len(),
             pending: self.waiting_dead_letters(&dlq).len() as u64,
             not_found,
+            orphaned,
         })
     }
 

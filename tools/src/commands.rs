@@ -825,6 +825,8 @@ struct ResendOut {
     resent: u64,
     pending: u64,
     not_found: Vec<String>,
+    /// Left waiting: the topic they came from no longer exists.
+    orphaned: Vec<String>,
 }
 
 /// Dead letters resent per call: small enough to show progress, large enough to be quick.
@@ -840,6 +842,7 @@ pub(crate) async fn resend_dead_letters(
         resent: 0,
         pending: 0,
         not_found: Vec::new(),
+        orphaned: Vec::new(),
     };
     if which.all {
         let waiting = dead_letters(admin, &group, 1).await?.pending;
@@ -848,18 +851,27 @@ pub(crate) async fn resend_dead_letters(
                 .context("progress bar template")?,
         );
         total.pending = waiting;
-        while total.pending > 0 {
+        // Only the dead letters waiting when it started, oldest first: a message that is
+        // dead-lettered again meanwhile waits for the next resend.
+        let handled = |t: &ResendOut| t.resent + t.orphaned.len() as u64;
+        while handled(&total) < waiting {
+            let left = u32::try_from(waiting - handled(&total)).unwrap_or(u32::MAX);
             let reply = admin
                 .resend_dead_letters(ResendDeadLettersRequest {
                     group: group.clone(),
                     message_ids: Vec::new(),
-                    max: RESEND_CHUNK,
+                    max: RESEND_CHUNK.min(left),
                 })
                 .await
                 .map_err(refused)?
                 .into_inner();
             total.resent += u64::from(reply.resent);
             total.pending = reply.pending;
+            for id in reply.orphaned {
+                if !total.orphaned.contains(&id) {
+                    total.orphaned.push(id);
+                }
+            }
             bar.inc(u64::from(reply.resent));
             if reply.resent == 0 {
                 break;
@@ -880,6 +892,7 @@ pub(crate) async fn resend_dead_letters(
             resent: u64::from(reply.resent),
             pending: reply.pending,
             not_found: reply.not_found,
+            orphaned: reply.orphaned,
         };
     }
     emit(out, &total, |t| {
@@ -893,12 +906,24 @@ pub(crate) async fn resend_dead_letters(
                 t.not_found.join(", ")
             ));
         }
+        if !t.orphaned.is_empty() {
+            text.push_str(&format!(
+                "\nleft waiting, their topic is gone: {}",
+                t.orphaned.join(", ")
+            ));
+        }
         text
     });
     if !total.not_found.is_empty() {
         return Err(anyhow!(
             "{} of the ids are not waiting dead letters of group {group}",
             total.not_found.len()
+        ));
+    }
+    if !total.orphaned.is_empty() {
+        return Err(anyhow!(
+            "{} dead letters of group {group} were left waiting: the topics they came from no longer exist; create them again, or purge",
+            total.orphaned.len()
         ));
     }
     Ok(())

@@ -440,7 +440,10 @@ async fn every_command_against_a_broker_process() {
         )
     })
     .await;
-    assert_eq!(resent, json!({"resent": 1, "pending": 5, "not_found": []}));
+    assert_eq!(
+        resent,
+        json!({"resent": 1, "pending": 5, "not_found": [], "orphaned": []})
+    );
     let back = receive_n(&billing, "orders", &any, 1, long, true, wait).await;
     assert_eq!(ids(&back), HashSet::from([id.clone()]));
     let err = blocking(move || {
@@ -468,6 +471,47 @@ async fn every_command_against_a_broker_process() {
     let purged = blocking(move || json(at, &["dlq", "purge", "--group", "audit", "--yes"])).await;
     assert_eq!(purged, json!({"purged": 6}));
     blocking(move || wait_for_dead_letters(at, "audit", 0)).await;
+
+    // dlq resend --all when the topic the dead letters came from is gone: they are left
+    // waiting and named, and the command fails saying so
+    blocking(move || {
+        json(at, &["topic", "create", "doomed"]);
+        json(
+            at,
+            &[
+                "group",
+                "create",
+                "mourners",
+                "--from",
+                "earliest",
+                "--max-attempts",
+                "1",
+            ],
+        );
+        let body = json!({"messages": [{"body": "d1"}, {"body": "d2"}]}).to_string();
+        let (status, _) = http_request(
+            http,
+            "POST",
+            "/topics/doomed/messages/batch",
+            &[],
+            body.as_bytes(),
+        );
+        assert_eq!(status, 200);
+    })
+    .await;
+    let mourners = consumer(at, "mourners", "doomed").await;
+    receive_n(&mourners, "doomed", &any, 2, short, false, wait).await;
+    blocking(move || wait_for_dead_letters(at, "mourners", 2)).await;
+    let err = blocking(move || {
+        json(at, &["topic", "delete", "doomed"]);
+        fails(at, &["dlq", "resend", "--group", "mourners", "--all"])
+    })
+    .await;
+    assert!(
+        err.contains("2 dead letters of group mourners were left waiting"),
+        "{err}"
+    );
+    blocking(move || wait_for_dead_letters(at, "mourners", 2)).await;
 
     // txn list-discarded: a transaction nobody decides is discarded after one check
     let mut option = ProducerOption::default();

@@ -550,6 +550,7 @@ impl AdminService for AdminApi {
             resent: u32::try_from(resent.resent).unwrap_or(u32::MAX),
             pending: resent.pending,
             not_found: resent.not_found,
+            orphaned: resent.orphaned,
         }))
     }
 
