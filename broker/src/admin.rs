@@ -6,14 +6,16 @@
 //! after a crash, and a dead letter is resent at most once per handling. A crash between
 //! the copy and its journal record can resend one again, with the same message id.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use ferrumq_protocol::v2::Code;
-use ferrumq_storage::{MessageType, NewRecord, QueueOffset, StoredRecord, keys};
+use ferrumq_storage::{MessageType, NewRecord, QueueOffset, RecordView, StoredRecord, keys};
 
 use crate::consumer::state::Lease;
 use crate::error::{ApiError, ApiResult};
 use crate::message::{self, property};
+use crate::metadata::DLQ_PREFIX;
 use crate::service::Broker;
 
 /// The internal group whose finished offsets in `%DLQ%{group}` are the handled dead letters.
@@ -60,6 +62,8 @@ pub struct GroupDelivery {
     /// The lease while the message is out.
     pub lease: Option<Lease>,
     pub done: bool,
+    /// Done because it was moved to the group's dead-letter topic.
+    pub dead_lettered: bool,
 }
 
 impl Broker {
@@ -263,11 +267,33 @@ impl Broker {
 
     /// What each group reading its queue did with the message stored at `queue_offset` of
     /// `topic`'s queue `queue_id`.
-    pub fn deliveries(&self, topic: &str, queue_id: u32, queue_offset: u64) -> Vec<GroupDelivery> {
+    pub fn deliveries(&self, message: &RecordView<'_>) -> Vec<GroupDelivery> {
+        // A dead letter keeps the message's id and names the topic it came from.
+        let id = message.properties.get(keys::MESSAGE_ID).unwrap_or_default();
+        let dead_lettered_by: HashSet<String> = if id.is_empty() {
+            HashSet::new()
+        } else {
+            self.store
+                .query_by_id(id, 0, i64::MAX)
+                .iter()
+                .filter_map(|record| {
+                    let copy = record.view();
+                    let origin = copy.properties.get(property::DLQ_ORIGIN_TOPIC);
+                    (origin == Some(message.topic))
+                        .then(|| copy.topic.strip_prefix(DLQ_PREFIX).map(str::to_owned))
+                        .flatten()
+                })
+                .collect()
+        };
         self.consumers
-            .deliveries(topic, queue_id, queue_offset)
+            .deliveries(message.topic, message.queue_id, message.queue_offset.0)
             .into_iter()
-            .map(|(group, lease, done)| GroupDelivery { group, lease, done })
+            .map(|(group, lease, done)| GroupDelivery {
+                dead_lettered: done && dead_lettered_by.contains(&group),
+                group,
+                lease,
+                done,
+            })
             .collect()
     }
 

@@ -701,6 +701,7 @@ pub(crate) async fn show_message(
                             Ok(group_delivery::State::Pending) => "pending",
                             Ok(group_delivery::State::InFlight) => "in flight",
                             Ok(group_delivery::State::Done) => "done",
+                            Ok(group_delivery::State::DeadLettered) => "dead-lettered",
                             _ => "unknown",
                         },
                         group: d.group,

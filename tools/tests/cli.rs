@@ -423,11 +423,11 @@ async fn every_command_against_a_broker_process() {
         })
         .collect();
     assert!(
-        states.contains(&("billing".to_owned(), "done".to_owned())),
+        states.contains(&("billing".to_owned(), "dead-lettered".to_owned())),
         "{shown}"
     );
     assert!(
-        states.contains(&("audit".to_owned(), "done".to_owned())),
+        states.contains(&("audit".to_owned(), "dead-lettered".to_owned())),
         "{shown}"
     );
 

@@ -331,11 +331,12 @@ impl AdminService for AdminApi {
                     queue_offset: view.queue_offset.0,
                     deliveries: self
                         .broker
-                        .deliveries(view.topic, view.queue_id, view.queue_offset.0)
+                        .deliveries(&view)
                         .into_iter()
                         .map(|d| GroupDelivery {
                             group: d.group,
                             state: match (&d.lease, d.done) {
+                                (_, true) if d.dead_lettered => group_delivery::State::DeadLettered,
                                 (_, true) => group_delivery::State::Done,
                                 (Some(_), false) => group_delivery::State::InFlight,
                                 (None, false) => group_delivery::State::Pending,
