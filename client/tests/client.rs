@@ -799,6 +799,67 @@ async fn a_restarted_producer_answers_the_check_backs_of_its_predecessor() -> Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simple_consumer_extends_and_shortens_leases_and_acks_in_bulk() -> Result<(), AnyError> {
+    let broker = start(|c| c.limits.min_invisible_ms = 500).await?;
+    let ap = broker.access_point();
+    create_topic(&ap, "work", 2, &["NORMAL"]).await;
+    create_group(&ap, "workers", 16, &[], false).await;
+    let producer = Producer::builder(ClientConfig::new(&ap)).build().await?;
+    let sent: HashSet<String> = producer
+        .send_batch(
+            (0..6)
+                .map(|i| Message::new("work", format!("w{i}")))
+                .collect(),
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.message_id)
+        .collect();
+    let consumer = simple(&ap, "workers", "work").await;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 6 && Instant::now() < deadline {
+        got.extend(consumer.receive(32, Duration::from_secs(3)).await?);
+    }
+    assert_eq!(got.len(), 6);
+    // Kept: the lease of the first is extended past the others' 3 s. The copy taken before
+    // the change holds the old handle, as after a lost reply; it still acts.
+    let before_change = got[0].clone();
+    consumer
+        .change_invisible_duration(&mut got[0], Duration::from_secs(30))
+        .await?;
+    // Retried early: the second is shortened, so it comes back first, with attempt 2.
+    consumer
+        .change_invisible_duration(&mut got[1], Duration::from_millis(500))
+        .await?;
+    let again = consumer.receive(32, Duration::from_secs(30)).await?;
+    assert_eq!(
+        again.iter().map(|m| &m.message_id).collect::<Vec<_>>(),
+        [&got[1].message_id]
+    );
+    assert_eq!(again[0].delivery_attempt, 2);
+    // The second delivery's handle acts; the first delivery's no longer does.
+    assert!(consumer.ack(&got[1]).await.is_err());
+    consumer.ack_all(&again).await?;
+    consumer.ack(&before_change).await?;
+    consumer.ack_all(&got[2..]).await?;
+    let ids: HashSet<String> = got.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(ids, sent);
+    // All six done: nothing comes back, not even after the others' 3 s leases.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert!(
+        consumer
+            .receive(32, Duration::from_secs(1))
+            .await?
+            .is_empty()
+    );
+    consumer.shutdown().await;
+    producer.shutdown().await;
+    broker.running.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mistakes_are_refused_with_what_to_do() -> Result<(), AnyError> {
     let broker = start(|c| c.topics.auto_create = false).await?;
     let ap = broker.access_point();
