@@ -410,6 +410,21 @@ async fn every_refusal_names_its_field_and_stores_nothing() {
         .await
         .unwrap();
     assert!(metrics.lines().any(|l| l == "rocketmq_messages_in_total 0"));
+    // A path or method the port does not serve is a JSON error too.
+    let (status, error) = post(addr, "/topic/orders/messages", &[], b"x").await;
+    assert_eq!((status, error["code"].as_str()), (404, Some("NOT_FOUND")));
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("/topic/orders/messages")
+    );
+    let (status, body) =
+        tokio::task::spawn_blocking(move || http_get(addr, "/topics/orders/messages"))
+            .await
+            .unwrap();
+    assert_eq!(status, 405, "{body}");
+    assert!(body.contains("does not take GET"), "{body}");
     broker.running.shutdown().await.unwrap();
 }
 

@@ -34,6 +34,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .fallback(produce::no_such_path)
+        .method_not_allowed_fallback(produce::wrong_method)
         .with_state(broker)
 }
 

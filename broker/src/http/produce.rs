@@ -106,6 +106,26 @@ struct ErrorBody {
     message: String,
 }
 
+/// Any path the port does not serve, as a JSON error like every other refusal.
+pub(super) async fn no_such_path(uri: axum::http::Uri) -> Response {
+    error_response(ApiError::new(
+        Code::NotFound,
+        format!("no such path {}; /openapi.json lists the paths", uri.path()),
+    ))
+}
+
+/// A served path asked with another method.
+pub(super) async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let body = ErrorBody {
+        code: Code::BadRequest.as_str_name(),
+        message: format!(
+            "{} does not take {method}; /openapi.json lists the methods",
+            uri.path()
+        ),
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}
+
 /// `POST /topics/{topic}/messages`.
 pub(super) async fn one(
     State(broker): State<Arc<Broker>>,
