@@ -2,9 +2,9 @@
 //!
 //! The client sends its Settings first and the broker answers with its policy (body limit,
 //! retry schedule, whether a group is FIFO). The open stream is how the broker knows the
-//! client is alive, and how it sends commands back: a transaction check-back goes to the
-//! producer that sent the half message, over this stream. A stream that ends is opened again
-//! after a second, until the client closes.
+//! client is alive, and how it sends commands back: a transaction check-back goes to a
+//! producer of the topic over this stream. A stream that ends is opened again after a second,
+//! until the client closes or the broker is no longer in any route the client uses.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -105,6 +105,16 @@ impl Telemetry {
                 }
             }
             drop(outbound);
+            if !self.transport.knows(&endpoint) {
+                // The broker left every route: stop here; `open` starts again if it returns.
+                tracing::debug!(
+                    endpoint,
+                    "telemetry stream ended; the broker left the routes"
+                );
+                let mut replies = self.replies.lock().unwrap_or_else(PoisonError::into_inner);
+                replies.remove(&endpoint);
+                return;
+            }
             tracing::debug!(endpoint, "telemetry stream ended; opening it again in 1 s");
             tokio::select! {
                 _ = stop.changed() => return,

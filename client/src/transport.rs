@@ -300,6 +300,20 @@ impl Transport {
         Ok(reply.message_queues)
     }
 
+    /// Whether `endpoint` is an access point or a broker in a route this client has looked up.
+    pub(crate) fn knows(&self, endpoint: &str) -> bool {
+        if self.config.access_points.iter().any(|a| a == endpoint) {
+            return true;
+        }
+        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        routes.values().any(|route| {
+            route
+                .queues
+                .iter()
+                .any(|q| queue_endpoint(q).as_deref() == Some(endpoint))
+        })
+    }
+
     /// Puts `endpoint` last for a while after it failed.
     pub(crate) fn mark_down(&self, endpoint: &str) {
         tracing::debug!(endpoint, "endpoint unreachable; trying others first");
@@ -494,6 +508,22 @@ mod tests {
             now + Duration::from_secs(5)
         );
         assert!(down_until(now, Duration::MAX) > now);
+    }
+
+    #[test]
+    fn known_endpoints_are_access_points_and_brokers_of_looked_up_routes() {
+        let transport = Transport::new(ClientConfig::new("a:1")).unwrap();
+        assert!(transport.knows("a:1") && !transport.knows("10.0.0.2:8081"));
+        transport.routes.lock().unwrap().insert(
+            "t".into(),
+            Arc::new(Route {
+                queues: vec![queue("10.0.0.2:8081", Permission::ReadWrite)],
+                fetched: Instant::now(),
+            }),
+        );
+        assert!(transport.knows("10.0.0.2:8081"));
+        transport.routes.lock().unwrap().clear();
+        assert!(!transport.knows("10.0.0.2:8081"));
     }
 
     #[test]
