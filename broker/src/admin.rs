@@ -53,6 +53,8 @@ pub struct Resent {
     pub not_found: Vec<String>,
     /// Ids of dead letters whose original topic is gone: left waiting, not resent.
     pub orphaned: Vec<String>,
+    /// Where the dead-letter queue ended when the resend began.
+    pub end_offset: u64,
 }
 
 /// What one group did with one message.
@@ -129,22 +131,27 @@ impl Broker {
     }
 
     /// Sends dead letters of `group` back to their original topics, keeping their message
-    /// ids: those named in `ids`, or the oldest `max` when `ids` is empty. One whose topic is
-    /// gone is passed over and named in `orphaned`. Answered once the copies and their
-    /// handling are durable.
+    /// ids: those named in `ids`, or the oldest `max` when `ids` is empty, of those stored
+    /// below `before` in the dead-letter queue when given. One whose topic is gone is passed
+    /// over and named in `orphaned`. Answered once the copies and their handling are durable.
     pub async fn resend_dead_letters(
         &self,
         group: &str,
         ids: &[String],
         max: usize,
+        before: Option<u64>,
     ) -> ApiResult<Resent> {
         let group = self.known_group(group)?;
         let dlq = group.dead_letter_topic();
+        let end_offset = self
+            .store
+            .consume_queue(&dlq, 0)
+            .map_or(0, |q| q.max_offset().0);
         let mut chosen = Vec::new();
         let mut orphaned = Vec::new();
         let mut found = vec![false; ids.len()];
         for offset in self.waiting_dead_letters(&dlq) {
-            if ids.is_empty() && chosen.len() >= max {
+            if (ids.is_empty() && chosen.len() >= max) || before.is_some_and(|b| offset >= b) {
                 break;
             }
             let Some(letter) = self.dead_letter_at(&dlq, offset) else {
@@ -243,6 +250,7 @@ impl Broker {
             pending: self.waiting_dead_letters(&dlq).len() as u64,
             not_found,
             orphaned,
+            end_offset,
         })
     }
 
@@ -268,7 +276,8 @@ impl Broker {
     /// What each group reading its queue did with the message stored at `queue_offset` of
     /// `topic`'s queue `queue_id`.
     pub fn deliveries(&self, message: &RecordView<'_>) -> Vec<GroupDelivery> {
-        // A dead letter keeps the message's id and names the topic it came from.
+        // A dead letter keeps the message's id and names the topic it came from. One stored
+        // before this message is not of it: it is of an earlier copy that was resent.
         let id = message.properties.get(keys::MESSAGE_ID).unwrap_or_default();
         let dead_lettered_by: HashSet<String> = if id.is_empty() {
             HashSet::new()
@@ -279,7 +288,8 @@ impl Broker {
                 .filter_map(|record| {
                     let copy = record.view();
                     let origin = copy.properties.get(property::DLQ_ORIGIN_TOPIC);
-                    (origin == Some(message.topic))
+                    (origin == Some(message.topic)
+                        && copy.store_timestamp_ms >= message.store_timestamp_ms)
                         .then(|| copy.topic.strip_prefix(DLQ_PREFIX).map(str::to_owned))
                         .flatten()
                 })

@@ -101,7 +101,7 @@ impl Placement {
 }
 
 /// A message that passed every check, ready to append.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CheckedMessage {
     pub message_id: String,
     pub kind: Kind,

@@ -254,16 +254,22 @@ impl Broker {
             .enumerate()
             .map(|(i, m)| message::check(i, names, m, limits, now))
             .collect::<ApiResult<Vec<_>>>()?;
-        let (mut topic, new_topic) = self.metadata.topic_or_default(&topic_name)?;
+        let (topic, new_topic) = self.metadata.topic_or_default(&topic_name)?;
+        let unplaced = new_topic.then(|| checked.clone());
         self.place_all(&topic, &mut checked, names, now, client_id)?;
-        if new_topic {
-            let created = self.topic_or_create(&topic_name)?;
-            if created != topic {
-                // Created meanwhile with other settings: place against those.
-                self.place_all(&created, &mut checked, names, now, client_id)?;
-                topic = created;
+        let topic = match unplaced {
+            None => topic,
+            Some(unplaced) => {
+                let created = self.topic_or_create(&topic_name)?;
+                if created != topic {
+                    // Created meanwhile with other settings: place the messages as they
+                    // were checked against those instead.
+                    checked = unplaced;
+                    self.place_all(&created, &mut checked, names, now, client_id)?;
+                }
+                created
             }
-        }
+        };
 
         let records: Vec<NewRecord<'_>> = checked
             .iter()
@@ -883,7 +889,6 @@ impl Broker {
             .any(|(_, s)| s.try_send(Ok(command.clone())).is_ok())
     }
 
-    /// Whether the client still has a Telemetry stream open with this broker.
     /// Records the topics a producer declared in its Settings.
     pub fn declare_topics(&self, client_id: &str, topics: Vec<String>) {
         let mut declared = self
@@ -909,6 +914,7 @@ impl Broker {
             .collect()
     }
 
+    /// Whether the client still has a Telemetry stream open with this broker.
     pub fn is_connected(&self, client_id: &str) -> bool {
         let streams = self
             .telemetry

@@ -9,9 +9,10 @@
 //! two) is found through the message index on restart.
 //!
 //! A half message left pending past its check immunity is checked: the broker asks a live
-//! producer of the topic over its Telemetry stream, the next time another one, every
-//! `check_interval_ms`, up to `max_checks` times. Then it is copied to [`DISCARDED_TOPIC`]
-//! for a person to look at.
+//! producer of the topic over its Telemetry stream (one that sent transactions to it, or
+//! else one that declares it), the next time another one, every `check_interval_ms`, up to
+//! `max_checks` times. Then it is copied to [`DISCARDED_TOPIC`] for a person to look at. A
+//! check with no producer to ask is not counted.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -439,10 +440,10 @@ impl Transactions {
 
     /// The check-backs due at `now_ms`, each to a live producer of the topic, another one
     /// than last time when there is one. The producers are those that sent transactional
-    /// messages to the topic and are live (`is_live`), then those connected now that declare
-    /// the topic (`declaring`): a producer process that restarted has a new client id. A
-    /// check counts only when a producer is asked; transactions checked `max_checks` times
-    /// are discarded instead.
+    /// messages to the topic and are live (`is_live`); when none is, those connected now
+    /// that declare the topic (`declaring`): a producer process that restarted has a new
+    /// client id. A check counts only when a producer is asked; transactions checked
+    /// `max_checks` times are discarded instead.
     pub fn due_checks(
         &self,
         now_ms: i64,
@@ -481,7 +482,7 @@ impl Transactions {
                 continue;
             }
             // Every producer seen publishing to the topic, oldest first, that is connected;
-            // then those that declare the topic.
+            // when none is, those that declare the topic.
             let mut candidates: Vec<String> = state
                 .producers
                 .get(&pending.topic)
@@ -493,10 +494,8 @@ impl Transactions {
                 candidates.push(pending.producer.clone());
             }
             candidates.retain(|c| is_live(c));
-            for client in declaring(&pending.topic) {
-                if !candidates.contains(&client) {
-                    candidates.push(client);
-                }
+            if candidates.is_empty() {
+                candidates = declaring(&pending.topic);
             }
             let next = pending
                 .last_asked

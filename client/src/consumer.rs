@@ -152,6 +152,9 @@ impl Consumer {
         invisible: Duration,
         poll: Duration,
     ) -> Result<Vec<ReceivedMessage>> {
+        // The broker knows this consumer by its Telemetry stream; one that ended when the
+        // broker left the routes starts again when the broker is back.
+        self.telemetry.open(endpoint);
         let (topic, filter) = &self.subscriptions[subscription];
         let timeout = poll.saturating_add(self.transport.timeout());
         let request = self.transport.request(

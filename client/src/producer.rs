@@ -95,7 +95,9 @@ pub struct ProducerBuilder {
 
 impl ProducerBuilder {
     /// Topics to look up when the producer starts: an unknown one fails `build`, and the
-    /// connections to their brokers are open before the first send.
+    /// connections to their brokers are open before the first send. A transactional
+    /// producer declares them to the brokers too, so that after a restart (a new client
+    /// id) it is asked about the transactions its predecessor left open.
     #[must_use]
     pub fn topics<I, S>(mut self, topics: I) -> ProducerBuilder
     where

@@ -236,18 +236,23 @@ impl Inner {
                     running.remove(&source);
                 }
             }
+            let mut new = Vec::new();
             for (subscription, (topic, _)) in self.core.subscriptions.iter().enumerate() {
                 let Ok(route) = self.core.transport.route(topic).await else {
                     continue;
                 };
                 for broker in route.brokers(false) {
                     if running.insert((subscription, broker.clone())) {
-                        self.core.telemetry.open(&broker);
-                        loops.spawn(self.clone().receive_loop(subscription, broker));
+                        new.push((subscription, broker));
                     }
                 }
             }
+            // Counted before they start, so their first receives take their share only.
             self.loops.store(running.len(), Ordering::Relaxed);
+            for (subscription, broker) in new {
+                self.core.telemetry.open(&broker);
+                loops.spawn(self.clone().receive_loop(subscription, broker));
+            }
             tokio::select! {
                 () = tokio::time::sleep(self.core.transport.config.route_refresh) => {}
                 _ = stop.wait_for(|s| *s) => break,

@@ -105,15 +105,19 @@ impl Telemetry {
                 }
             }
             drop(outbound);
-            if !self.transport.knows(&endpoint) {
-                // The broker left every route: stop here; `open` starts again if it returns.
-                tracing::debug!(
-                    endpoint,
-                    "telemetry stream ended; the broker left the routes"
-                );
+            {
+                // Decided under the lock `open` takes, so an `open` either finds this task
+                // going on or starts a new one.
                 let mut replies = self.replies.lock().unwrap_or_else(PoisonError::into_inner);
-                replies.remove(&endpoint);
-                return;
+                if !self.transport.knows(&endpoint) {
+                    // The broker left every route: stop; `open` starts again if it returns.
+                    tracing::debug!(
+                        endpoint,
+                        "telemetry stream ended; the broker left the routes"
+                    );
+                    replies.remove(&endpoint);
+                    return;
+                }
             }
             tracing::debug!(endpoint, "telemetry stream ended; opening it again in 1 s");
             tokio::select! {

@@ -819,14 +819,14 @@ async fn a_simple_consumer_extends_and_shortens_leases_and_acks_in_bulk() -> Res
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while got.len() < 6 && Instant::now() < deadline {
-        got.extend(consumer.receive(32, Duration::from_secs(3)).await?);
+        got.extend(consumer.receive(32, Duration::from_secs(30)).await?);
     }
     assert_eq!(got.len(), 6);
-    // Kept: the lease of the first is extended past the others' 3 s. The copy taken before
-    // the change holds the old handle, as after a lost reply; it still acts.
+    // Kept: the lease of the first is extended. The copy taken before the change holds the
+    // old handle, as after a lost reply; it still acts.
     let before_change = got[0].clone();
     consumer
-        .change_invisible_duration(&mut got[0], Duration::from_secs(30))
+        .change_invisible_duration(&mut got[0], Duration::from_secs(60))
         .await?;
     // Retried early: the second is shortened, so it comes back first, with attempt 2.
     consumer
@@ -845,14 +845,8 @@ async fn a_simple_consumer_extends_and_shortens_leases_and_acks_in_bulk() -> Res
     consumer.ack_all(&got[2..]).await?;
     let ids: HashSet<String> = got.iter().map(|m| m.message_id.clone()).collect();
     assert_eq!(ids, sent);
-    // All six done: nothing comes back, not even after the others' 3 s leases.
-    tokio::time::sleep(Duration::from_millis(3200)).await;
-    assert!(
-        consumer
-            .receive(32, Duration::from_secs(1))
-            .await?
-            .is_empty()
-    );
+    // All six done: none is in flight any more.
+    assert_eq!(broker.running.broker.consumers.inflight(), 0);
     consumer.shutdown().await;
     producer.shutdown().await;
     broker.running.shutdown().await?;

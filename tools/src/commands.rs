@@ -378,8 +378,9 @@ pub(crate) async fn create_group(
                 name: settings.name,
                 max_delivery_attempts: settings.max_attempts,
                 start_position: match settings.from {
-                    Start::Earliest => admin::StartPosition::Earliest,
-                    Start::Latest => admin::StartPosition::Latest,
+                    Some(Start::Earliest) => admin::StartPosition::Earliest,
+                    Some(Start::Latest) => admin::StartPosition::Latest,
+                    None => admin::StartPosition::Unspecified,
                 } as i32,
                 retry_backoff_ms: settings.retry_backoff_ms,
                 fifo: settings.fifo,
@@ -852,16 +853,17 @@ pub(crate) async fn resend_dead_letters(
                 .context("progress bar template")?,
         );
         total.pending = waiting;
-        // Only the dead letters waiting when it started, oldest first: a message that is
-        // dead-lettered again meanwhile waits for the next resend.
-        let handled = |t: &ResendOut| t.resent + t.orphaned.len() as u64;
-        while handled(&total) < waiting {
-            let left = u32::try_from(waiting - handled(&total)).unwrap_or(u32::MAX);
+        // Only the dead letters stored when it started, oldest first: a message that is
+        // dead-lettered again meanwhile waits for the next resend. The first reply says
+        // where the dead-letter queue ended then.
+        let mut before_offset = 0;
+        loop {
             let reply = admin
                 .resend_dead_letters(ResendDeadLettersRequest {
                     group: group.clone(),
                     message_ids: Vec::new(),
-                    max: RESEND_CHUNK.min(left),
+                    max: RESEND_CHUNK,
+                    before_offset,
                 })
                 .await
                 .map_err(refused)?
@@ -874,6 +876,10 @@ pub(crate) async fn resend_dead_letters(
                 }
             }
             bar.inc(u64::from(reply.resent));
+            if before_offset == 0 {
+                // An empty dead-letter queue ends at 0: nothing to bound, nothing resent.
+                before_offset = reply.end_offset;
+            }
             if reply.resent == 0 {
                 break;
             }
@@ -885,6 +891,7 @@ pub(crate) async fn resend_dead_letters(
                 group: group.clone(),
                 message_ids: which.ids,
                 max: 0,
+                before_offset: 0,
             })
             .await
             .map_err(refused)?

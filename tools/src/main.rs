@@ -113,9 +113,9 @@ pub(crate) struct GroupSettings {
     /// Deliveries before a message is dead-lettered; 0 means the broker's default.
     #[arg(long, default_value_t = 0)]
     pub(crate) max_attempts: u32,
-    /// Where the group starts in queues it has never read.
-    #[arg(long, value_enum, default_value = "latest")]
-    pub(crate) from: commands::Start,
+    /// Where the group starts in queues it has never read (latest when left out).
+    #[arg(long, value_enum)]
+    pub(crate) from: Option<commands::Start>,
     /// Deliver each message group's messages one at a time, in order.
     #[arg(long)]
     pub(crate) fifo: bool,

@@ -281,6 +281,11 @@ async fn every_command_against_a_broker_process() {
         json(at, &["group", "create", "ledger", "--from", "earliest"]);
         let err = fails(at, &["group", "create", "ledger", "--max-attempts", "5"]);
         assert!(err.contains("exists with other settings"), "{err}");
+        // Naming nothing that differs is no conflict.
+        assert_eq!(
+            json(at, &["group", "create", "ledger"])["start_position"],
+            "EARLIEST"
+        );
         let updated = json(at, &["group", "update", "ledger", "--max-attempts", "5"]);
         assert_eq!(updated["max_delivery_attempts"], 5);
         assert_eq!(updated["start_position"], "EARLIEST", "kept: {updated}");
@@ -446,6 +451,23 @@ async fn every_command_against_a_broker_process() {
     );
     let back = receive_n(&billing, "orders", &any, 1, long, true, wait).await;
     assert_eq!(ids(&back), HashSet::from([id.clone()]));
+    // The resent copy, acked by billing, is done there; the first copy stays dead-lettered.
+    let shown_id = id.clone();
+    let copies =
+        blocking(move || json(at, &["message", "show", &shown_id, "--topic", "orders"])).await;
+    let mut copies = copies.as_array().unwrap().clone();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    copies.sort_by_key(|c| c["commit_log_position"].as_u64().unwrap());
+    let billing_state = |copy: &Value| {
+        copy["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["group"] == "billing")
+            .map(|d| d["state"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(billing_state(&copies[0]).as_deref(), Some("dead-lettered"));
+    assert_eq!(billing_state(&copies[1]).as_deref(), Some("done"));
     let err = blocking(move || {
         fails(
             at,

@@ -213,7 +213,7 @@ impl AdminService for AdminApi {
                     && existing.retry_backoff_ms != config.retry_backoff_ms)
                 || (group.start_position != WireStart::Unspecified as i32
                     && existing.start_position != config.start_position)
-                || existing.fifo != config.fifo;
+                || (group.fifo && !existing.fifo);
             if differs {
                 return Err(tonic::Status::already_exists(format!(
                     "group {:?} exists with other settings (max delivery attempts {}, start {:?}, fifo {}); update it instead",
@@ -544,7 +544,12 @@ impl AdminService for AdminApi {
         };
         let resent = self
             .broker
-            .resend_dead_letters(&request.group, &request.message_ids, max)
+            .resend_dead_letters(
+                &request.group,
+                &request.message_ids,
+                max,
+                (request.before_offset != 0).then_some(request.before_offset),
+            )
             .await
             .map_err(to_grpc)?;
         Ok(Response::new(ResendDeadLettersResponse {
@@ -552,6 +557,7 @@ impl AdminService for AdminApi {
             pending: resent.pending,
             not_found: resent.not_found,
             orphaned: resent.orphaned,
+            end_offset: resent.end_offset,
         }))
     }
 
