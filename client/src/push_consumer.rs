@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ferrumq_protocol::v2::{ClientType, retry_policy};
+use ferrumq_protocol::v2::{self, ClientType, retry_policy};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -328,9 +328,17 @@ impl Inner {
                         );
                         return (subscription, broker);
                     }
-                    tracing::warn!(%e, broker, "receive failed; trying again in 1 s");
+                    // A lease the broker will never grant is this consumer's configuration, not
+                    // a passing fault: say so loudly, and ask again less often.
+                    let pause = if e.code() == Some(v2::Code::IllegalInvisibleTime) {
+                        tracing::error!(%e, broker, invisible = ?self.invisible, "the broker refuses this consumer's invisible_duration; set PushConsumerBuilder::invisible_duration within its limits");
+                        Duration::from_secs(10)
+                    } else {
+                        tracing::warn!(%e, broker, "receive failed; trying again in 1 s");
+                        Duration::from_secs(1)
+                    };
                     tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = tokio::time::sleep(pause) => {}
                         _ = stop.wait_for(|s| *s) => return (subscription, broker),
                     }
                 }
