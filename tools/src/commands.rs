@@ -372,20 +372,36 @@ pub(crate) async fn create_group(
     out: Format,
     settings: GroupSettings,
 ) -> anyhow::Result<()> {
+    let group = admin::Group {
+        name: settings.name,
+        max_delivery_attempts: settings.max_attempts,
+        start_position: settings
+            .from
+            .map_or(admin::StartPosition::Unspecified, wire_start) as i32,
+        retry_backoff_ms: settings.retry_backoff_ms,
+        fifo: settings.fifo,
+    };
+    put_group(admin, out, group, false).await
+}
+
+fn wire_start(start: Start) -> admin::StartPosition {
+    match start {
+        Start::Earliest => admin::StartPosition::Earliest,
+        Start::Latest => admin::StartPosition::Latest,
+    }
+}
+
+/// Creates `group`, or with `update` replaces it; prints what the broker kept.
+async fn put_group(
+    admin: &mut Admin,
+    out: Format,
+    group: admin::Group,
+    update: bool,
+) -> anyhow::Result<()> {
     let reply = admin
         .create_group(CreateGroupRequest {
-            group: Some(admin::Group {
-                name: settings.name,
-                max_delivery_attempts: settings.max_attempts,
-                start_position: match settings.from {
-                    Some(Start::Earliest) => admin::StartPosition::Earliest,
-                    Some(Start::Latest) => admin::StartPosition::Latest,
-                    None => admin::StartPosition::Unspecified,
-                } as i32,
-                retry_backoff_ms: settings.retry_backoff_ms,
-                fifo: settings.fifo,
-            }),
-            update_existing: false,
+            group: Some(group),
+            update_existing: update,
         })
         .await
         .map_err(refused)?
@@ -418,10 +434,7 @@ pub(crate) async fn update_group(
         group.max_delivery_attempts = attempts;
     }
     if let Some(from) = update.from {
-        group.start_position = match from {
-            Start::Earliest => admin::StartPosition::Earliest,
-            Start::Latest => admin::StartPosition::Latest,
-        } as i32;
+        group.start_position = wire_start(from) as i32;
     }
     if update.fifo || update.no_fifo {
         group.fifo = update.fifo;
@@ -429,17 +442,7 @@ pub(crate) async fn update_group(
     if let Some(backoff) = update.retry_backoff_ms {
         group.retry_backoff_ms = backoff;
     }
-    let reply = admin
-        .create_group(CreateGroupRequest {
-            group: Some(group),
-            update_existing: true,
-        })
-        .await
-        .map_err(refused)?
-        .into_inner();
-    let group = group_out(reply.group.unwrap_or_default());
-    emit(out, &group, |g| groups_table(std::slice::from_ref(g)));
-    Ok(())
+    put_group(admin, out, group, true).await
 }
 
 pub(crate) async fn list_groups(admin: &mut Admin, out: Format) -> anyhow::Result<()> {
