@@ -122,30 +122,25 @@ impl AdminService for AdminApi {
                 wanted.name
             )));
         }
-        // Creating a topic that exists is fine as long as what the request names (a queue
-        // count other than 0, message types) matches it; otherwise it would be silently
-        // ignored.
-        if !request.update_existing
-            && let Some(existing) = self.broker.metadata.topic(&wanted.name)
-        {
-            let queues_differ =
-                topic.queue_count != 0 && existing.queue_count != wanted.queue_count;
-            let types_differ = !topic.accept_message_types.is_empty()
-                && sorted(&existing.accept_message_types) != sorted(&wanted.accept_message_types);
-            if queues_differ || types_differ {
-                return Err(tonic::Status::already_exists(format!(
-                    "topic {:?} exists with {} queues accepting {}; update it instead",
-                    wanted.name,
-                    existing.queue_count,
-                    existing.accept_message_types.join(", ")
-                )));
-            }
-        }
         let created = self
             .broker
             .metadata
-            .put_topic(wanted, request.update_existing)
+            .put_topic(wanted.clone(), request.update_existing)
             .map_err(to_grpc)?;
+        // Without `update_existing` an existing topic is kept as it is, and what comes back
+        // is what was there. That is fine as long as what the request names (a queue count
+        // other than 0, message types) matches it; otherwise it would be silently ignored.
+        let queues_differ = topic.queue_count != 0 && created.queue_count != wanted.queue_count;
+        let types_differ = !topic.accept_message_types.is_empty()
+            && sorted(&created.accept_message_types) != sorted(&wanted.accept_message_types);
+        if queues_differ || types_differ {
+            return Err(tonic::Status::already_exists(format!(
+                "topic {:?} exists with {} queues accepting {}; update it instead",
+                wanted.name,
+                created.queue_count,
+                created.accept_message_types.join(", ")
+            )));
+        }
         self.broker.publish_routes();
         Ok(Response::new(CreateTopicResponse {
             topic: Some(wire_topic(&created)),
@@ -202,33 +197,26 @@ impl AdminService for AdminApi {
             }
         };
         config.fifo = group.fifo;
-        // As with topics: an existing group is a conflict when it differs in what the
-        // request names.
-        if !request.update_existing
-            && let Some(existing) = self.broker.metadata.group(&group.name)
-        {
-            let differs = (group.max_delivery_attempts != 0
-                && existing.max_delivery_attempts != config.max_delivery_attempts)
-                || (!group.retry_backoff_ms.is_empty()
-                    && existing.retry_backoff_ms != config.retry_backoff_ms)
-                || (group.start_position != WireStart::Unspecified as i32
-                    && existing.start_position != config.start_position)
-                || (group.fifo && !existing.fifo);
-            if differs {
-                return Err(tonic::Status::already_exists(format!(
-                    "group {:?} exists with other settings (max delivery attempts {}, start {:?}, fifo {}); update it instead",
-                    group.name,
-                    existing.max_delivery_attempts,
-                    existing.start_position,
-                    existing.fifo
-                )));
-            }
-        }
         let created = self
             .broker
             .metadata
-            .put_group(config, request.update_existing)
+            .put_group(config.clone(), request.update_existing)
             .map_err(to_grpc)?;
+        // As with topics: a group that was there is a conflict when it differs in what the
+        // request names.
+        let differs = (group.max_delivery_attempts != 0
+            && created.max_delivery_attempts != config.max_delivery_attempts)
+            || (!group.retry_backoff_ms.is_empty()
+                && created.retry_backoff_ms != config.retry_backoff_ms)
+            || (group.start_position != WireStart::Unspecified as i32
+                && created.start_position != config.start_position)
+            || (group.fifo && !created.fifo);
+        if differs {
+            return Err(tonic::Status::already_exists(format!(
+                "group {:?} exists with other settings (max delivery attempts {}, start {:?}, fifo {}); update it instead",
+                group.name, created.max_delivery_attempts, created.start_position, created.fifo
+            )));
+        }
         Ok(Response::new(CreateGroupResponse {
             group: Some(wire_group(&created)),
         }))
