@@ -254,6 +254,9 @@ impl Broker {
             .enumerate()
             .map(|(i, m)| message::check(i, names, m, limits, now))
             .collect::<ApiResult<Vec<_>>>()?;
+        // Above the disk watermark new messages are refused; what finishes the messages
+        // already held (acks, decisions, due timers, dead letters) is still written.
+        self.store.check_space()?;
         let (topic, new_topic) = self.metadata.topic_or_default(&topic_name)?;
         let unplaced = new_topic.then(|| checked.clone());
         self.place_all(&topic, &mut checked, names, now, client_id)?;

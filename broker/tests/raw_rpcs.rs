@@ -269,6 +269,66 @@ async fn change_invisible_duration_renews_the_lease_with_a_new_handle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_the_disk_watermark_sends_are_refused_and_acks_still_written() {
+    let broker = start(|_| {}).await;
+    create_group(broker.addr(), "g", 17).await;
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    send(&mut client, "t", &["W1", "W2"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leased = receive(&mut client, "g", "t", 60_000).await;
+    assert_eq!(leased.len(), 2);
+    // The same data, opened again with a watermark every disk is above.
+    let mut config = broker.running.broker.config.as_ref().clone();
+    broker.running.shutdown().await.unwrap();
+    config.disk_watermark = 0.0;
+    config.grpc_listen = "127.0.0.1:0".parse().unwrap();
+    config.http_listen = "127.0.0.1:0".parse().unwrap();
+    let running = ferrumq_broker::start(config).await.unwrap();
+    let mut client = MessagingServiceClient::connect(format!("http://{}", running.grpc_addr))
+        .await
+        .unwrap();
+    let refused = client
+        .send_message(call(SendMessageRequest {
+            messages: vec![Message {
+                topic: resource("t"),
+                system_properties: Some(SystemProperties {
+                    message_id: "W3".into(),
+                    message_type: MessageType::Normal as i32,
+                    ..SystemProperties::default()
+                }),
+                body: b"W3".to_vec().into(),
+                ..Message::default()
+            }],
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refused.status.unwrap().code, Code::TooManyRequests as i32);
+    // Consumers can still finish what they hold.
+    let acked = client
+        .ack_message(call(AckMessageRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            entries: leased
+                .iter()
+                .map(|m| AckMessageEntry {
+                    message_id: m.system_properties.as_ref().unwrap().message_id.clone(),
+                    receipt_handle: handle(m),
+                })
+                .collect(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acked.status.unwrap().code, Code::Ok as i32);
+    assert_eq!(running.broker.consumers.inflight(), 0);
+    running.shutdown().await.unwrap();
+    drop(broker.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_to_dead_letter_queue_keeps_the_id_and_origin() {
     let broker = start(|_| {}).await;
     create_group(broker.addr(), "g", 17).await;

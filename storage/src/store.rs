@@ -67,6 +67,8 @@ struct Inner {
     dispatched_lock: Mutex<()>,
     /// Told of each move of the dispatched position, on the dispatcher thread.
     dispatch_listener: std::sync::OnceLock<DispatchListener>,
+    /// Set while the disk is above the watermark (see [`MessageStore::check_space`]).
+    disk_full: Mutex<Option<DiskFull>>,
     stopping: AtomicBool,
 }
 
@@ -149,6 +151,7 @@ impl MessageStore {
             dispatched_changed: Condvar::new(),
             dispatched_lock: Mutex::new(()),
             dispatch_listener: std::sync::OnceLock::new(),
+            disk_full: Mutex::new(None),
             stopping: AtomicBool::new(false),
         });
         let redispatched = {
@@ -350,9 +353,22 @@ impl MessageStore {
         self.inner.run_retention(now)
     }
 
-    /// Reads the disk usage and refuses or accepts appends by the watermark.
+    /// Reads the disk usage and compares it with the watermark (see `check_space`).
     pub fn check_disk_usage(&self) -> Result<DiskUsage> {
         self.inner.check_disk_usage()
+    }
+
+    /// `Error::DiskFull` while the disk was above the watermark at the last look. The store
+    /// still appends: what to refuse is the caller's choice. A broker refuses new messages
+    /// and keeps writing what finishes the ones it holds (acks, decisions, due timers), so
+    /// that consumers can go on draining the disk.
+    pub fn check_space(&self) -> Result<()> {
+        let full = self
+            .inner
+            .disk_full
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        full.as_ref().map_or(Ok(()), |full| Err(full.to_error()))
     }
 
     /// Dispatches and flushes everything, writes a clean checkpoint and stops the threads.
@@ -590,10 +606,13 @@ impl Inner {
             tracing::warn!(
                 usage = full.usage_percent,
                 watermark = full.watermark_percent,
-                "disk above watermark; refusing appends"
+                "disk above watermark"
             );
         }
-        self.log.set_disk_full(full);
+        *self
+            .disk_full
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = full;
         Ok(usage)
     }
 }

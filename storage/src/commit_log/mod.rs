@@ -137,8 +137,6 @@ struct Writer {
     populate_requested: u64,
     next_offsets: QueueOffsets,
     last_store_timestamp_ms: i64,
-    /// Set by the disk-usage check: appends are refused while it is `Some`.
-    disk_full: Option<DiskFull>,
 }
 
 impl CommitLog {
@@ -177,7 +175,6 @@ impl CommitLog {
             populate_requested: 0,
             next_offsets: outcome.next_offsets.clone(),
             last_store_timestamp_ms: outcome.last_store_timestamp_ms,
-            disk_full: None,
         };
         let end = outcome.valid_end.0;
         let shared = Arc::new(Shared {
@@ -487,10 +484,6 @@ impl CommitLog {
         Ok(removed)
     }
 
-    pub(crate) fn set_disk_full(&self, refusal: Option<DiskFull>) {
-        self.lock_writer().disk_full = refusal;
-    }
-
     pub(crate) fn set_progress_listener(&self, thread: Thread) {
         let _ = self.shared.progress_listener.set(thread);
     }
@@ -554,9 +547,6 @@ impl CommitLog {
     ) -> Result<Appended> {
         if let Some(reason) = self.shared.durability.failure() {
             return Err(Error::Poisoned { reason });
-        }
-        if let Some(full) = &writer.disk_full {
-            return Err(full.to_error());
         }
         if writer.offset + len > writer.active.len() {
             self.roll(writer)?;
@@ -685,7 +675,7 @@ impl Drop for CommitLog {
     }
 }
 
-/// Why appends are refused: the disk is fuller than the configured watermark.
+/// The disk is fuller than the configured watermark.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct DiskFull {
     pub(crate) path: PathBuf,
@@ -694,7 +684,7 @@ pub(crate) struct DiskFull {
 }
 
 impl DiskFull {
-    fn to_error(&self) -> Error {
+    pub(crate) fn to_error(&self) -> Error {
         Error::DiskFull {
             path: self.path.clone(),
             usage_percent: self.usage_percent,
