@@ -102,7 +102,9 @@ pub struct Limits {
     pub max_properties_bytes: usize,
     pub max_batch_messages: usize,
     pub max_message_group_bytes: usize,
-    /// The latest delivery time a producer may ask for, counted from now.
+    /// The latest delivery time a producer may ask for, counted from now. At most
+    /// `retention_hours` less one hour: a scheduled message waits in the commit log, and
+    /// retention must not delete it before it is due.
     pub max_delay_ms: u64,
     /// The most messages one receive hands out. RocketMQ caps it at 32; a larger cap lets a
     /// client that asks for more pay the per-request cost once per many messages.
@@ -199,7 +201,7 @@ impl Default for Limits {
             max_properties_bytes: 16 << 10,
             max_batch_messages: 1024,
             max_message_group_bytes: 64,
-            max_delay_ms: 7 * 24 * 3600 * 1000,
+            max_delay_ms: 48 * 3600 * 1000,
             max_receive_batch: 1024,
             push_receive_batch: 32,
             min_invisible_ms: 10_000,
@@ -304,6 +306,15 @@ impl BrokerConfig {
                 "must be above zero and at most timers.memory_window_ms",
             );
         }
+        let retention_ms = self.retention_hours.saturating_mul(3600 * 1000);
+        if self.retention_hours > 0
+            && self.limits.max_delay_ms > retention_ms.saturating_sub(3600 * 1000)
+        {
+            return invalid(
+                "limits.max_delay_ms",
+                "must be at most retention_hours less one hour: retention would delete a scheduled message before it is due",
+            );
+        }
         if !(0.0..=1.0).contains(&self.disk_watermark) {
             return invalid("disk_watermark", "must be a fraction between 0.0 and 1.0");
         }
@@ -373,7 +384,21 @@ mod tests {
             ),
             (6_000, 30_000, 15)
         );
-        assert_eq!(limits_max_delay, 7 * 24 * 3600 * 1000);
+        assert_eq!(limits_max_delay, 48 * 3600 * 1000);
+    }
+
+    #[test]
+    fn a_scheduled_message_cannot_outlive_retention() {
+        let mut config = BrokerConfig::default();
+        config.limits.max_delay_ms = 72 * 3600 * 1000;
+        let Err(ConfigError::Invalid { field, .. }) = config.validate() else {
+            panic!("a delay as long as retention passed validation");
+        };
+        assert_eq!(field, "limits.max_delay_ms");
+        config.retention_hours = 0;
+        assert!(config.validate().is_ok(), "retention 0 keeps everything");
+        config.retention_hours = 73;
+        assert!(config.validate().is_ok());
     }
 
     #[test]

@@ -169,7 +169,7 @@ async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
         .unwrap()
         .message_type = MessageType::Delay as i32;
     let mut far_delay = untimed_delay.clone();
-    // Eight days: past the seven-day limit (and what Python's milliseconds-as-seconds gives).
+    // Eight days: past the two-day limit (and what Python's milliseconds-as-seconds gives).
     far_delay
         .system_properties
         .as_mut()
