@@ -81,6 +81,11 @@ pub struct TransactionSettings {
     pub check_interval_ms: u64,
     /// After this many checks without a decision the half message is discarded.
     pub max_checks: u32,
+    /// A transaction still undecided this long after it was stored is discarded, even if
+    /// not all its checks could be made for want of a producer to ask. At most
+    /// `retention_hours` less one hour, so that retention never deletes a half message
+    /// before it is decided or discarded.
+    pub max_pending_ms: u64,
 }
 
 /// Scheduled (DELAY) messages.
@@ -180,6 +185,7 @@ impl Default for TransactionSettings {
             check_immunity_ms: 6_000,
             check_interval_ms: 30_000,
             max_checks: 15,
+            max_pending_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -307,12 +313,17 @@ impl BrokerConfig {
             );
         }
         let retention_ms = self.retention_hours.saturating_mul(3600 * 1000);
-        if self.retention_hours > 0
-            && self.limits.max_delay_ms > retention_ms.saturating_sub(3600 * 1000)
-        {
+        let kept_ms = retention_ms.saturating_sub(3600 * 1000);
+        if self.retention_hours > 0 && self.limits.max_delay_ms > kept_ms {
             return invalid(
                 "limits.max_delay_ms",
                 "must be at most retention_hours less one hour: retention would delete a scheduled message before it is due",
+            );
+        }
+        if self.retention_hours > 0 && self.transactions.max_pending_ms > kept_ms {
+            return invalid(
+                "transactions.max_pending_ms",
+                "must be at most retention_hours less one hour: retention would delete a half message before it is decided",
             );
         }
         if !(0.0..=1.0).contains(&self.disk_watermark) {
@@ -399,6 +410,11 @@ mod tests {
         assert!(config.validate().is_ok(), "retention 0 keeps everything");
         config.retention_hours = 73;
         assert!(config.validate().is_ok());
+        config.transactions.max_pending_ms = 73 * 3600 * 1000;
+        let Err(ConfigError::Invalid { field, .. }) = config.validate() else {
+            panic!("a pending transaction as long as retention passed validation");
+        };
+        assert_eq!(field, "transactions.max_pending_ms");
     }
 
     #[test]

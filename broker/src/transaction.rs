@@ -443,7 +443,7 @@ impl Transactions {
     /// messages to the topic and are live (`is_live`); when none is, those connected now
     /// that declare the topic (`declaring`): a producer process that restarted has a new
     /// client id. A check counts only when a producer is asked; transactions checked
-    /// `max_checks` times are discarded instead.
+    /// `max_checks` times, or stored `max_pending_ms` ago, are discarded instead.
     pub fn due_checks(
         &self,
         now_ms: i64,
@@ -475,7 +475,10 @@ impl Transactions {
             let Some(pending) = state.pending.get(&half) else {
                 continue;
             };
-            if pending.checks >= self.settings.max_checks {
+            let stored_for = now_ms.saturating_sub(record.view().store_timestamp_ms);
+            let too_old =
+                stored_for >= i64::try_from(self.settings.max_pending_ms).unwrap_or(i64::MAX);
+            if pending.checks >= self.settings.max_checks || too_old {
                 self.discard(&record, pending.checks)?;
                 self.journal(&Op::Discard { half })?;
                 state.set(half, Decision::Discarded);

@@ -413,3 +413,51 @@ async fn unanswered_transactions_are_discarded_after_the_last_check() {
     assert_eq!(late.code, Code::PreconditionFailed as i32);
     assert!(late.message.contains("discarded"), "{}", late.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_nobody_can_be_asked_about_is_discarded_after_max_pending() {
+    let broker = start(|c| {
+        c.transactions.check_immunity_ms = 200;
+        c.transactions.check_interval_ms = 200;
+        c.transactions.max_pending_ms = 1500;
+    })
+    .await;
+    let addr = broker.addr();
+    create_topic(addr, "orders", 1, &["TRANSACTION"]).await;
+    let producer = transaction_producer(
+        addr,
+        "orders",
+        Box::new(|_, _| TransactionResolution::UNKNOWN),
+    )
+    .await;
+    let transaction = producer
+        .send_transaction_message(message("orders", "orphan"))
+        .await
+        .unwrap();
+    let txn = transaction.transaction_id().to_owned();
+    drop(transaction);
+    // The producer leaves: from then on no check can be made or counted...
+    producer.shutdown().await.unwrap();
+    let mut discarded = Vec::new();
+    for _ in 0..50 {
+        discarded = admin(addr)
+            .await
+            .list_discarded_transactions(ListDiscardedTransactionsRequest {
+                topic: "orders".into(),
+                max: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .transactions;
+        if !discarded.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...and past max_pending_ms it is discarded all the same, long before 15 checks, and
+    // kept for a person to see.
+    assert_eq!(discarded.len(), 1);
+    assert_eq!(discarded[0].transaction_id, txn);
+    assert!(discarded[0].checks < 15, "{}", discarded[0].checks);
+}
