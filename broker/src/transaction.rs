@@ -250,10 +250,14 @@ impl Transactions {
                 &transactions.settings,
                 view.properties.get(property::CHECK_IMMUNITY_MS),
             ));
+            // A transaction already checked gives its producer a whole interval to answer
+            // the last check, as it would have had without the restart.
             let next_check_ms = if checks == 0 {
                 first
             } else {
-                first.max(now_ms)
+                first.max(now_ms.saturating_add(
+                    i64::try_from(transactions.settings.check_interval_ms).unwrap_or(i64::MAX),
+                ))
             };
             state.add_pending(
                 half,

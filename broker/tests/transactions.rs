@@ -461,3 +461,75 @@ async fn a_transaction_nobody_can_be_asked_about_is_discarded_after_max_pending(
     assert_eq!(discarded[0].transaction_id, txn);
     assert!(discarded[0].checks < 15, "{}", discarded[0].checks);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_last_check_still_gets_its_interval() {
+    let broker = start(|c| {
+        c.transactions.check_immunity_ms = 200;
+        c.transactions.check_interval_ms = 3000;
+        c.transactions.max_checks = 1;
+    })
+    .await;
+    let addr = broker.addr();
+    create_topic(addr, "orders", 1, &["TRANSACTION"]).await;
+    let checks = Arc::new(AtomicUsize::new(0));
+    let counted = checks.clone();
+    let producer = transaction_producer(
+        addr,
+        "orders",
+        Box::new(move |_, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            TransactionResolution::UNKNOWN
+        }),
+    )
+    .await;
+    let transaction = producer
+        .send_transaction_message(message("orders", "asked-once"))
+        .await
+        .unwrap();
+    drop(transaction);
+    for _ in 0..50 {
+        if checks.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        checks.load(Ordering::SeqCst),
+        1,
+        "the one check was not made"
+    );
+    // Restarted right after its only check: the producer still has the interval to answer.
+    producer.shutdown().await.unwrap();
+    let mut config = broker.running.broker.config.as_ref().clone();
+    broker.running.shutdown().await.unwrap();
+    config.grpc_listen = "127.0.0.1:0".parse().unwrap();
+    config.http_listen = "127.0.0.1:0".parse().unwrap();
+    let running = ferrumq_broker::start(config).await.unwrap();
+    let discarded = |addr| async move {
+        admin(addr)
+            .await
+            .list_discarded_transactions(ListDiscardedTransactionsRequest {
+                topic: "orders".into(),
+                max: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .transactions
+            .len()
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(discarded(running.grpc_addr).await, 0, "discarded at once");
+    let mut found = 0;
+    for _ in 0..60 {
+        found = discarded(running.grpc_addr).await;
+        if found == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(found, 1, "never discarded after its interval");
+    running.shutdown().await.unwrap();
+    drop(broker.dir);
+}
