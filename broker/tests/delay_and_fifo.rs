@@ -288,3 +288,32 @@ async fn fifo_groups_keep_order_across_retries_and_a_stuck_group_blocks_only_its
     );
     assert_eq!(stuck[4].0, "stuck-2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_stops_being_fifo_gets_the_messages_that_waited_behind_their_group() {
+    let broker = start(|_| {}).await;
+    let addr = broker.addr();
+    create_topic(addr, "ledger", 1, &["FIFO"]).await;
+    create_group_with(addr, "posting", 5, true).await;
+    let producer = producer(addr, "ledger").await;
+    for i in 0..3 {
+        let message =
+            MessageBuilder::fifo_message_builder("ledger", format!("a-{i}").into_bytes(), "a")
+                .build()
+                .unwrap();
+        producer.send(message).await.unwrap();
+    }
+    let consumer = consumer(addr, "posting", "ledger").await;
+    let lease = Duration::from_secs(30);
+    let wait = Duration::from_secs(10);
+    let first = receive_n(&consumer, "ledger", &tag("*"), 1, lease, false, wait).await;
+    assert_eq!(first.len(), 1, "FIFO hands out one message of the group");
+    // The group stops being FIFO while a-0 is out: a-1 and a-2 come at the next receives.
+    create_group_with(addr, "posting", 5, false).await;
+    let rest = receive_n(&consumer, "ledger", &tag("*"), 2, lease, false, wait).await;
+    let bodies: Vec<String> = rest
+        .iter()
+        .map(|m| String::from_utf8(m.body().to_vec()).unwrap())
+        .collect();
+    assert_eq!(bodies, ["a-1", "a-2"]);
+}

@@ -233,6 +233,12 @@ impl ConsumerGroups {
             let qs = state.queue_mut(&group.name, &topic.name, queue_id, start);
             // Retention deleted what the group never finished: nothing is left to deliver.
             qs.skip_below(queue.min_offset().0);
+            if !ordered && !qs.waiting.is_empty() {
+                // The group was FIFO until now: what waited behind its message groups is
+                // below `scanned`, so scan again from the floor (done and leased are skipped).
+                qs.waiting.clear();
+                qs.scanned = qs.floor;
+            }
             let room = batch - picked.len();
             let mut pick = |offset: u64, record: StoredRecord| {
                 picked.push((queue_id, offset, 1));
