@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ferrumq_protocol::v2::Code;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use ferrumq_storage::{
     ConsumeQueue, LogPos, MessageStore, MessageType, QueueOffset, StoredRecord, keys,
@@ -220,6 +220,7 @@ impl ConsumerGroups {
         // New messages, queue by queue. How far each queue was scanned is kept aside and
         // recorded only once the deliveries are journaled: a failure leaves nothing skipped.
         let mut scanned = Vec::new();
+        let mut saved_waiting = Vec::new();
         let mut more = false;
         let ordered = group.fifo && topic.accepts(ferrumq_protocol::v2::MessageType::Fifo);
         for &queue_id in &queue_ids {
@@ -245,9 +246,19 @@ impl ConsumerGroups {
                 records.push(record);
             };
             let scan = if ordered {
-                self.scan_ordered(qs, &queue, filter, room, &mut pick)?
+                // What waits behind each message group changes as the scan goes; it is
+                // put back as it was if this receive fails, like `scanned` below.
+                saved_waiting.push((queue_id, qs.waiting.clone()));
+                self.scan_ordered(qs, &queue, filter, room, &mut pick)
             } else {
-                self.scan(qs, &queue, filter, room, &mut pick)?
+                self.scan(qs, &queue, filter, room, &mut pick)
+            };
+            let scan = match scan {
+                Ok(scan) => scan,
+                Err(e) => {
+                    restore_waiting(&mut state, group, topic, saved_waiting);
+                    return Err(e);
+                }
             };
             more |= scan.more;
             scanned.push((queue_id, scan.next));
@@ -284,7 +295,13 @@ impl ConsumerGroups {
             renew_until_ms: auto_renew.map_or(0, |(_, until)| until),
             owner: auto_renew.map_or_else(String::new, |(owner, _)| owner.to_owned()),
         };
-        journal_end = Some(self.journal(&mut state, op)?);
+        match self.journal(&mut state, op) {
+            Ok(end) => journal_end = Some(end),
+            Err(e) => {
+                restore_waiting(&mut state, group, topic, saved_waiting);
+                return Err(e);
+            }
+        }
         record_scans(&mut state);
         drop(state);
         self.metrics.add_delivered(picked.len() as u64);
@@ -923,6 +940,25 @@ fn current_lease(
             Code::InvalidReceiptHandle,
             "receipt_handle: the message is already acked",
         )),
+    }
+}
+
+/// Puts back what waited behind each message group before a receive that failed.
+fn restore_waiting(
+    state: &mut ConsumerState,
+    group: &GroupConfig,
+    topic: &TopicConfig,
+    saved: Vec<(u32, HashMap<String, VecDeque<u64>>)>,
+) {
+    for (queue_id, waiting) in saved {
+        if let Some(q) = state
+            .groups
+            .get_mut(&group.name)
+            .and_then(|t| t.get_mut(&topic.name))
+            .and_then(|q| q.get_mut(&queue_id))
+        {
+            q.waiting = waiting;
+        }
     }
 }
 
