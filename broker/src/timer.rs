@@ -522,7 +522,7 @@ impl Timers {
         let filed = offset < state.checkpoint.filed_through;
         let in_memory = self.slot_of(deliver_at) < state.loaded_until;
         let pending = if filed && in_memory {
-            state.wheel.remove(&(deliver_at, offset))
+            state.wheel.contains(&(deliver_at, offset))
         } else {
             !state.recalled.contains(&offset)
         };
@@ -532,14 +532,17 @@ impl Timers {
                 format!("message {message_id} was already delivered or recalled"),
             ));
         }
-        if filed && in_memory {
-            self.count(&mut state, deliver_at, -1);
-        }
-        state.recalled.insert(offset);
+        // The cancel record first: if it cannot be written, the message stays scheduled,
+        // as the error the caller gets says.
         let body = format!("{offset} {deliver_at}");
         let appended = self
             .store
             .append(&system_record(TIMER_TOPIC, body.as_bytes()))?;
+        if filed && in_memory {
+            state.wheel.remove(&(deliver_at, offset));
+            self.count(&mut state, deliver_at, -1);
+        }
+        state.recalled.insert(offset);
         self.metrics.add(&self.metrics.timers_recalled, 1);
         Ok((message_id, appended.end()))
     }
