@@ -322,21 +322,31 @@ fn spawn_housekeeping(broker: &Arc<Broker>, stop: Arc<AtomicBool>) {
                 let limits = &connected.config.limits;
                 let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
                 let now = service::now_ms();
-                let renewed = consumers
-                    .renew_leases(
+                // Each step runs even when one before it failed: a failing dead letter
+                // must not stop check-backs or the snapshot.
+                let step =
+                    |what: &str, result: Result<Option<ferrumq_storage::LogPos>, ApiError>| {
+                        result.unwrap_or_else(|e| {
+                        tracing::warn!(step = what, error = %e.message, "housekeeping step failed");
+                        None
+                    })
+                    };
+                let renewed = step(
+                    "lease renewal",
+                    consumers.renew_leases(
                         now,
                         ms(limits.push_lease_ms),
                         ms(limits.push_lease_renew_ahead_ms),
                         ms(limits.push_lease_release_ms),
                         |client| connected.is_connected(client),
-                    )
-                    .map_err(BrokerError::Api)?;
-                let end = consumers.sweep(now).map_err(BrokerError::Api)?.or(renewed);
-                connected.send_check_backs(now).map_err(BrokerError::Api)?;
+                    ),
+                );
+                let swept = step("dead-letter sweep", consumers.sweep(now));
+                step("check-backs", connected.send_check_backs(now).map(|_| None));
                 if snapshot {
                     consumers.snapshot()?;
                 }
-                Ok::<_, BrokerError>(end)
+                Ok::<_, BrokerError>(swept.or(renewed))
             })
             .await;
             match result {

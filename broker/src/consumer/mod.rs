@@ -448,19 +448,32 @@ impl ConsumerGroups {
                 }
             }
         }
+        // One message that cannot be moved does not hold the others back; it is tried
+        // again at the next sweep.
         let mut end = None;
+        let mut failed = None;
         for (group, topic_name, queue_id, offset) in due {
             let Some(topic) = self.metadata.topic(&topic_name) else {
                 continue;
             };
-            end = Some(match self.record_at(&topic.name, queue_id, offset) {
+            let moved = match self.record_at(&topic.name, queue_id, offset) {
                 Some(record) => {
-                    self.dead_letter(&mut state, &group, &topic, queue_id, offset, &record)?
+                    self.dead_letter(&mut state, &group, &topic, queue_id, offset, &record)
                 }
-                None => self.journal(&mut state, done_op(&group, &topic, queue_id, offset))?,
-            });
+                None => self.journal(&mut state, done_op(&group, &topic, queue_id, offset)),
+            };
+            match moved {
+                Ok(pos) => end = Some(pos),
+                Err(e) => {
+                    tracing::warn!(group = %group.name, topic = %topic.name, queue_id, offset, error = %e.message, "could not dead-letter a message; trying again at the next sweep");
+                    failed = Some(e);
+                }
+            }
         }
-        Ok(end)
+        match (end, failed) {
+            (None, Some(e)) => Err(e),
+            (end, _) => Ok(end),
+        }
     }
 
     /// Extends auto-renewed leases that end within `ahead_ms` by `lease_ms`, while their
