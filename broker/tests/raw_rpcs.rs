@@ -329,6 +329,44 @@ async fn above_the_disk_watermark_sends_are_refused_and_acks_still_written() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_message_that_cannot_be_read_is_never_finished_silently() {
+    use ferrumq_protocol::admin::{QueryMessageRequest, query_message_request};
+    use std::io::{Seek, SeekFrom, Write};
+    let broker = start(|_| {}).await;
+    create_group(broker.addr(), "g", 17).await;
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    send(&mut client, "t", &["C1"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receive(&mut client, "g", "t", 1000).await.len(), 1);
+    let stored = common::admin(broker.addr())
+        .await
+        .query_message(QueryMessageRequest {
+            topic: "t".into(),
+            by: Some(query_message_request::By::MessageId("C1".into())),
+            ..QueryMessageRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    // Damage the record on disk (the broker reads it through a shared mapping).
+    let position = stored[0].commit_log_position;
+    let segment = broker.dir.path().join("store/commitlog/00000000000000000000");
+    let mut file = std::fs::OpenOptions::new().write(true).open(segment).unwrap();
+    file.seek(SeekFrom::Start(position + 60)).unwrap();
+    file.write_all(b"\xff\xfe").unwrap();
+    drop(file);
+    // Its lease ends; the next receive cannot read it to deliver it again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(receive(&mut client, "g", "t", 1000).await.is_empty());
+    // It is still held, not finished as if retention had deleted it.
+    assert_eq!(broker.running.broker.consumers.inflight(), 1);
+    broker.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_to_dead_letter_queue_keeps_the_id_and_origin() {
     let broker = start(|_| {}).await;
     create_group(broker.addr(), "g", 17).await;

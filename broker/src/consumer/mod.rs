@@ -200,11 +200,21 @@ impl ConsumerGroups {
                 if picked.len() >= batch {
                     break;
                 }
-                let Some(record) = self.record_at(&topic.name, queue_id, offset) else {
-                    // Deleted by retention: nothing left to deliver.
-                    let end = self.journal(&mut state, done_op(group, topic, queue_id, offset))?;
-                    journal_end = Some(end);
-                    continue;
+                let record = match self.record_at(&topic.name, queue_id, offset) {
+                    Ok(Some(record)) => record,
+                    Ok(None) => {
+                        // Deleted by retention: nothing left to deliver.
+                        let end =
+                            self.journal(&mut state, done_op(group, topic, queue_id, offset))?;
+                        journal_end = Some(end);
+                        continue;
+                    }
+                    Err(e) => {
+                        // Unreadable, not gone: never finished silently. It stays leased,
+                        // and the other messages go on.
+                        tracing::error!(group = %group.name, topic = %topic.name, queue_id, offset, error = %e.message, "cannot read a message to deliver it again");
+                        continue;
+                    }
                 };
                 if attempt >= group.max_delivery_attempts {
                     journal_end = Some(
@@ -410,7 +420,7 @@ impl ConsumerGroups {
         let mut state = self.lock();
         let handle = current_lease(&state, group, topic, text)?;
         let record = self
-            .record_at(&topic.name, handle.queue_id, handle.offset)
+            .record_at(&topic.name, handle.queue_id, handle.offset)?
             .ok_or_else(|| {
                 ApiError::new(
                     Code::MessageNotFound,
@@ -457,10 +467,11 @@ impl ConsumerGroups {
                 continue;
             };
             let moved = match self.record_at(&topic.name, queue_id, offset) {
-                Some(record) => {
+                Ok(Some(record)) => {
                     self.dead_letter(&mut state, &group, &topic, queue_id, offset, &record)
                 }
-                None => self.journal(&mut state, done_op(&group, &topic, queue_id, offset)),
+                Ok(None) => self.journal(&mut state, done_op(&group, &topic, queue_id, offset)),
+                Err(e) => Err(e),
             };
             match moved {
                 Ok(pos) => end = Some(pos),
@@ -857,9 +868,26 @@ impl ConsumerGroups {
         self.store.read(entry.log_pos).ok()
     }
 
-    fn record_at(&self, topic: &str, queue_id: u32, offset: u64) -> Option<StoredRecord> {
-        self.store
-            .read_queued(topic, queue_id, QueueOffset(offset), Duration::ZERO)
+    /// The record at `offset` of a queue; `None` only when retention deleted it. A record
+    /// that is there but cannot be read (a failed CRC check) is an error.
+    fn record_at(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+    ) -> ApiResult<Option<StoredRecord>> {
+        let Some(queue) = self.store.consume_queue(topic, queue_id) else {
+            return Ok(None);
+        };
+        if offset < queue.min_offset().0 {
+            return Ok(None);
+        }
+        let entry = queue.get(QueueOffset(offset)).ok_or_else(|| {
+            ApiError::internal(format!(
+                "{topic} queue {queue_id} has no entry at leased offset {offset}"
+            ))
+        })?;
+        Ok(Some(self.store.read(entry.log_pos)?))
     }
 
     /// Copies the message to `%DLQ%{group}` with its id and origin, then finishes it.
