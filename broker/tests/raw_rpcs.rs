@@ -353,8 +353,14 @@ async fn a_leased_message_that_cannot_be_read_is_never_finished_silently() {
         .messages;
     // Damage the record on disk (the broker reads it through a shared mapping).
     let position = stored[0].commit_log_position;
-    let segment = broker.dir.path().join("store/commitlog/00000000000000000000");
-    let mut file = std::fs::OpenOptions::new().write(true).open(segment).unwrap();
+    let segment = broker
+        .dir
+        .path()
+        .join("store/commitlog/00000000000000000000");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment)
+        .unwrap();
     file.seek(SeekFrom::Start(position + 60)).unwrap();
     file.write_all(b"\xff\xfe").unwrap();
     drop(file);

@@ -19,7 +19,7 @@ use ferrumq_protocol::v2::Code;
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use ferrumq_storage::{
-    ConsumeQueue, LogPos, MessageStore, MessageType, QueueOffset, StoredRecord, keys,
+    ConsumeQueue, LogPos, MessageStore, MessageType, NewRecord, QueueOffset, StoredRecord, keys,
 };
 
 use crate::error::{ApiError, ApiResult, BrokerError};
@@ -908,25 +908,37 @@ impl ConsumerGroups {
             .push(property::DLQ_ORIGIN_TOPIC, &topic.name)
             .and_then(|()| properties.push(property::DLQ_ORIGIN_MESSAGE_ID, id))
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        self.store.append(&crate::message::moved_record(
-            &view,
-            &dlq.name,
-            0,
-            MessageType::Normal,
-            &properties,
-        ))?;
+        // The copy and the record that finishes the message go in one batch, copy first: a
+        // crash cannot leave a copy whose message is still leased, to be dead-lettered again.
+        let copy =
+            crate::message::moved_record(&view, &dlq.name, 0, MessageType::Normal, &properties);
+        let end = self.journal_after(state, Some(copy), done_op(group, topic, queue_id, offset))?;
         self.metrics.add_dead_lettered(1);
         tracing::info!(group = %group.name, topic = %topic.name, queue_id, offset, message_id = id, "dead-lettered");
-        self.journal(state, done_op(group, topic, queue_id, offset))
+        Ok(end)
     }
 
     /// Appends `op` to the journal, then applies it. The caller makes the returned end
     /// durable before it answers.
     fn journal(&self, state: &mut ConsumerState, op: Op) -> ApiResult<LogPos> {
+        self.journal_after(state, None, op)
+    }
+
+    /// [`journal`](Self::journal), with `first` appended in the same batch before `op`.
+    fn journal_after(
+        &self,
+        state: &mut ConsumerState,
+        first: Option<NewRecord<'_>>,
+        op: Op,
+    ) -> ApiResult<LogPos> {
         let body = serde_json::to_vec(&op).map_err(|e| ApiError::internal(e.to_string()))?;
-        let appended = self
-            .store
-            .append(&crate::message::system_record(OPS_TOPIC, &body))?;
+        let mut records: Vec<NewRecord<'_>> = first.into_iter().collect();
+        records.push(crate::message::system_record(OPS_TOPIC, &body));
+        let mut out = Vec::with_capacity(records.len());
+        self.store.append_batch(&records, &mut out)?;
+        let appended = out
+            .last()
+            .ok_or_else(|| ApiError::internal("the journal append stored nothing"))?;
         state.apply(&op);
         state.last_op = Some(appended.queue_offset.0);
         self.last_op_end
