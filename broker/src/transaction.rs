@@ -378,12 +378,15 @@ impl Transactions {
             .get(property::REAL_TOPIC)
             .unwrap_or_default();
         let half_id = view.properties.get(keys::MESSAGE_ID).unwrap_or_default();
-        if !message_id.is_empty() && message_id != half_id {
+        // Transaction ids follow each other, so the message id and topic must come with one
+        // and match: a client cannot decide a transaction by guessing its id. Every official
+        // client sends both.
+        if message_id != half_id {
             return Err(invalid(format!(
                 "message_id {message_id:?} is not the message of transaction_id {transaction_id:?}"
             )));
         }
-        if !topic.is_empty() && topic != real_topic {
+        if topic != real_topic {
             return Err(invalid(format!(
                 "topic {topic:?} is not the topic of transaction_id {transaction_id:?} ({real_topic:?})"
             )));

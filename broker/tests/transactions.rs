@@ -533,3 +533,37 @@ async fn after_a_restart_the_last_check_still_gets_its_interval() {
     running.shutdown().await.unwrap();
     drop(broker.dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_must_name_the_transactions_message_and_topic() {
+    let broker = start(|_| {}).await;
+    let addr = broker.addr();
+    create_topic(addr, "orders", 1, &["TRANSACTION"]).await;
+    let producer = transaction_producer(
+        addr,
+        "orders",
+        Box::new(|_, _| TransactionResolution::UNKNOWN),
+    )
+    .await;
+    let transaction = producer
+        .send_transaction_message(message("orders", "guarded"))
+        .await
+        .unwrap();
+    let (id, txn) = (
+        transaction.message_id().to_owned(),
+        transaction.transaction_id().to_owned(),
+    );
+    drop(transaction);
+    // Transaction ids follow each other: knowing one is not enough to decide it.
+    for (topic, message_id, field) in [
+        ("orders", "", "message_id"),
+        ("orders", "01SOMEOTHERMESSAGE", "message_id"),
+        ("", id.as_str(), "topic"),
+    ] {
+        let refused = end(addr, topic, message_id, &txn, Resolution::Commit).await;
+        assert_eq!(refused.code, Code::InvalidTransactionId as i32, "{field}");
+        assert!(refused.message.contains(field), "{}", refused.message);
+    }
+    let done = end(addr, "orders", &id, &txn, Resolution::Commit).await;
+    assert_eq!(done.code, Code::Ok as i32, "{}", done.message);
+}
