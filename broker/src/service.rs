@@ -587,7 +587,8 @@ impl Broker {
                     })
                     .collect());
             }
-            if received.more {
+            // More to scan past what this pass looked at, within the long-polling time.
+            if received.more && Instant::now() < until {
                 tokio::task::yield_now().await;
                 continue;
             }
