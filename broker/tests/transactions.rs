@@ -81,6 +81,45 @@ async fn end(
         .unwrap()
 }
 
+/// Sends one transactional message to `topic` and leaves it undecided; returns its message
+/// id and transaction id.
+async fn open_transaction(producer: &Producer, topic: &str, body: &str) -> (String, String) {
+    let transaction = producer
+        .send_transaction_message(message(topic, body))
+        .await
+        .unwrap();
+    (
+        transaction.message_id().to_owned(),
+        transaction.transaction_id().to_owned(),
+    )
+}
+
+/// The discarded transactions of `topic` at `addr`, once there are `n` (or after 5 s).
+async fn discarded_transactions(
+    addr: SocketAddr,
+    topic: &str,
+    n: usize,
+) -> Vec<ferrumq_protocol::admin::DiscardedTransaction> {
+    let mut discarded = Vec::new();
+    for _ in 0..50 {
+        discarded = admin(addr)
+            .await
+            .list_discarded_transactions(ListDiscardedTransactionsRequest {
+                topic: topic.into(),
+                max: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .transactions;
+        if discarded.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    discarded
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_shows_one_copy_and_rollback_none() {
     let broker = start(|_| {}).await;
@@ -376,32 +415,8 @@ async fn unanswered_transactions_are_discarded_after_the_last_check() {
         }),
     )
     .await;
-    let transaction = producer
-        .send_transaction_message(message("orders", "limbo"))
-        .await
-        .unwrap();
-    let (id, txn) = (
-        transaction.message_id().to_owned(),
-        transaction.transaction_id().to_owned(),
-    );
-    drop(transaction);
-    let mut discarded = Vec::new();
-    for _ in 0..50 {
-        discarded = admin(addr)
-            .await
-            .list_discarded_transactions(ListDiscardedTransactionsRequest {
-                topic: "orders".into(),
-                max: 10,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .transactions;
-        if !discarded.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (id, txn) = open_transaction(&producer, "orders", "limbo").await;
+    let discarded = discarded_transactions(addr, "orders", 1).await;
     assert_eq!(discarded.len(), 1);
     assert_eq!(discarded[0].transaction_id, txn);
     assert_eq!(discarded[0].checks, 2);
@@ -430,31 +445,10 @@ async fn a_transaction_nobody_can_be_asked_about_is_discarded_after_max_pending(
         Box::new(|_, _| TransactionResolution::UNKNOWN),
     )
     .await;
-    let transaction = producer
-        .send_transaction_message(message("orders", "orphan"))
-        .await
-        .unwrap();
-    let txn = transaction.transaction_id().to_owned();
-    drop(transaction);
+    let (_, txn) = open_transaction(&producer, "orders", "orphan").await;
     // The producer leaves: from then on no check can be made or counted...
     producer.shutdown().await.unwrap();
-    let mut discarded = Vec::new();
-    for _ in 0..50 {
-        discarded = admin(addr)
-            .await
-            .list_discarded_transactions(ListDiscardedTransactionsRequest {
-                topic: "orders".into(),
-                max: 10,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .transactions;
-        if !discarded.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let discarded = discarded_transactions(addr, "orders", 1).await;
     // ...and past max_pending_ms it is discarded all the same, long before 15 checks, and
     // kept for a person to see.
     assert_eq!(discarded.len(), 1);
@@ -483,11 +477,7 @@ async fn after_a_restart_the_last_check_still_gets_its_interval() {
         }),
     )
     .await;
-    let transaction = producer
-        .send_transaction_message(message("orders", "asked-once"))
-        .await
-        .unwrap();
-    drop(transaction);
+    open_transaction(&producer, "orders", "asked-once").await;
     for _ in 0..50 {
         if checks.load(Ordering::SeqCst) == 1 {
             break;
@@ -506,30 +496,11 @@ async fn after_a_restart_the_last_check_still_gets_its_interval() {
     config.grpc_listen = "127.0.0.1:0".parse().unwrap();
     config.http_listen = "127.0.0.1:0".parse().unwrap();
     let running = ferrumq_broker::start(config).await.unwrap();
-    let discarded = |addr| async move {
-        admin(addr)
-            .await
-            .list_discarded_transactions(ListDiscardedTransactionsRequest {
-                topic: "orders".into(),
-                max: 10,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .transactions
-            .len()
-    };
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(discarded(running.grpc_addr).await, 0, "discarded at once");
-    let mut found = 0;
-    for _ in 0..60 {
-        found = discarded(running.grpc_addr).await;
-        if found == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(found, 1, "never discarded after its interval");
+    let at_once = discarded_transactions(running.grpc_addr, "orders", 0).await;
+    assert_eq!(at_once.len(), 0, "discarded at once");
+    let later = discarded_transactions(running.grpc_addr, "orders", 1).await;
+    assert_eq!(later.len(), 1, "never discarded after its interval");
     running.shutdown().await.unwrap();
     drop(broker.dir);
 }
@@ -545,15 +516,7 @@ async fn a_decision_must_name_the_transactions_message_and_topic() {
         Box::new(|_, _| TransactionResolution::UNKNOWN),
     )
     .await;
-    let transaction = producer
-        .send_transaction_message(message("orders", "guarded"))
-        .await
-        .unwrap();
-    let (id, txn) = (
-        transaction.message_id().to_owned(),
-        transaction.transaction_id().to_owned(),
-    );
-    drop(transaction);
+    let (id, txn) = open_transaction(&producer, "orders", "guarded").await;
     // Transaction ids follow each other: knowing one is not enough to decide it.
     for (topic, message_id, field) in [
         ("orders", "", "message_id"),
