@@ -81,6 +81,23 @@ async fn end(
         .unwrap()
 }
 
+/// A transaction producer for `topic` whose checker answers "unknown" and counts the
+/// check-backs it gets.
+async fn undecided_producer(addr: SocketAddr, topic: &str) -> (Producer, Arc<AtomicUsize>) {
+    let checks = Arc::new(AtomicUsize::new(0));
+    let counted = checks.clone();
+    let producer = transaction_producer(
+        addr,
+        topic,
+        Box::new(move |_, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            TransactionResolution::UNKNOWN
+        }),
+    )
+    .await;
+    (producer, checks)
+}
+
 /// Sends one transactional message to `topic` and leaves it undecided; returns its message
 /// id and transaction id.
 async fn open_transaction(producer: &Producer, topic: &str, body: &str) -> (String, String) {
@@ -404,17 +421,7 @@ async fn unanswered_transactions_are_discarded_after_the_last_check() {
     .await;
     let addr = broker.addr();
     create_topic(addr, "orders", 1, &["TRANSACTION"]).await;
-    let checks = Arc::new(AtomicUsize::new(0));
-    let counted = checks.clone();
-    let producer = transaction_producer(
-        addr,
-        "orders",
-        Box::new(move |_, _| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            TransactionResolution::UNKNOWN
-        }),
-    )
-    .await;
+    let (producer, checks) = undecided_producer(addr, "orders").await;
     let (id, txn) = open_transaction(&producer, "orders", "limbo").await;
     let discarded = discarded_transactions(addr, "orders", 1).await;
     assert_eq!(discarded.len(), 1);
@@ -439,12 +446,7 @@ async fn a_transaction_nobody_can_be_asked_about_is_discarded_after_max_pending(
     .await;
     let addr = broker.addr();
     create_topic(addr, "orders", 1, &["TRANSACTION"]).await;
-    let producer = transaction_producer(
-        addr,
-        "orders",
-        Box::new(|_, _| TransactionResolution::UNKNOWN),
-    )
-    .await;
+    let (producer, _) = undecided_producer(addr, "orders").await;
     let (_, txn) = open_transaction(&producer, "orders", "orphan").await;
     // The producer leaves: from then on no check can be made or counted...
     producer.shutdown().await.unwrap();
@@ -466,17 +468,7 @@ async fn after_a_restart_the_last_check_still_gets_its_interval() {
     .await;
     let addr = broker.addr();
     create_topic(addr, "orders", 1, &["TRANSACTION"]).await;
-    let checks = Arc::new(AtomicUsize::new(0));
-    let counted = checks.clone();
-    let producer = transaction_producer(
-        addr,
-        "orders",
-        Box::new(move |_, _| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            TransactionResolution::UNKNOWN
-        }),
-    )
-    .await;
+    let (producer, checks) = undecided_producer(addr, "orders").await;
     open_transaction(&producer, "orders", "asked-once").await;
     for _ in 0..50 {
         if checks.load(Ordering::SeqCst) == 1 {
@@ -510,12 +502,7 @@ async fn a_decision_must_name_the_transactions_message_and_topic() {
     let broker = start(|_| {}).await;
     let addr = broker.addr();
     create_topic(addr, "orders", 1, &["TRANSACTION"]).await;
-    let producer = transaction_producer(
-        addr,
-        "orders",
-        Box::new(|_, _| TransactionResolution::UNKNOWN),
-    )
-    .await;
+    let (producer, _) = undecided_producer(addr, "orders").await;
     let (id, txn) = open_transaction(&producer, "orders", "guarded").await;
     // Transaction ids follow each other: knowing one is not enough to decide it.
     for (topic, message_id, field) in [
