@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ferrumq_protocol::v2::Code;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use ferrumq_storage::{
     ConsumeQueue, LogPos, MessageStore, MessageType, NewRecord, QueueOffset, StoredRecord, keys,
@@ -230,7 +230,7 @@ impl ConsumerGroups {
         // New messages, queue by queue. How far each queue was scanned is kept aside and
         // recorded only once the deliveries are journaled: a failure leaves nothing skipped.
         let mut scanned = Vec::new();
-        let mut saved_waiting = Vec::new();
+        let mut ordered_queues = Vec::new();
         let mut more = false;
         let ordered = group.fifo && topic.accepts(ferrumq_protocol::v2::MessageType::Fifo);
         for &queue_id in &queue_ids {
@@ -246,9 +246,8 @@ impl ConsumerGroups {
             qs.skip_below(queue.min_offset().0);
             if !ordered && !qs.waiting.is_empty() {
                 // The group was FIFO until now: what waited behind its message groups is
-                // below `scanned`, so scan again from the floor (done and leased are skipped).
-                qs.waiting.clear();
-                qs.scanned = qs.floor;
+                // below `scanned`.
+                qs.rescan_waiting();
             }
             let room = batch - picked.len();
             let mut pick = |offset: u64, record: StoredRecord| {
@@ -256,9 +255,9 @@ impl ConsumerGroups {
                 records.push(record);
             };
             let scan = if ordered {
-                // What waits behind each message group changes as the scan goes; it is
-                // put back as it was if this receive fails, like `scanned` below.
-                saved_waiting.push((queue_id, qs.waiting.clone()));
+                // What waits behind each message group changes as the scan goes; if this
+                // receive fails, it is rebuilt by a rescan.
+                ordered_queues.push(queue_id);
                 self.scan_ordered(qs, &queue, filter, room, &mut pick)
             } else {
                 self.scan(qs, &queue, filter, room, &mut pick)
@@ -266,7 +265,7 @@ impl ConsumerGroups {
             let scan = match scan {
                 Ok(scan) => scan,
                 Err(e) => {
-                    restore_waiting(&mut state, group, topic, saved_waiting);
+                    rescan_waiting(&mut state, group, topic, &ordered_queues);
                     return Err(e);
                 }
             };
@@ -308,7 +307,7 @@ impl ConsumerGroups {
         match self.journal(&mut state, op) {
             Ok(end) => journal_end = Some(end),
             Err(e) => {
-                restore_waiting(&mut state, group, topic, saved_waiting);
+                rescan_waiting(&mut state, group, topic, &ordered_queues);
                 return Err(e);
             }
         }
@@ -996,21 +995,22 @@ fn current_lease(
     }
 }
 
-/// Puts back what waited behind each message group before a receive that failed.
-fn restore_waiting(
+/// After a FIFO receive failed part-way: the queues it scanned rebuild what waits behind
+/// each message group by a rescan, so no group goes out of order.
+fn rescan_waiting(
     state: &mut ConsumerState,
     group: &GroupConfig,
     topic: &TopicConfig,
-    saved: Vec<(u32, HashMap<String, VecDeque<u64>>)>,
+    queue_ids: &[u32],
 ) {
-    for (queue_id, waiting) in saved {
+    for queue_id in queue_ids {
         if let Some(q) = state
             .groups
             .get_mut(&group.name)
             .and_then(|t| t.get_mut(&topic.name))
-            .and_then(|q| q.get_mut(&queue_id))
+            .and_then(|q| q.get_mut(queue_id))
         {
-            q.waiting = waiting;
+            q.rescan_waiting();
         }
     }
 }

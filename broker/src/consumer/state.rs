@@ -100,6 +100,13 @@ impl QueueState {
         self.scanned = self.scanned.max(self.floor);
     }
 
+    /// Forgets what waits behind each message group and scans again from `floor`, as a
+    /// restart does: the rescan skips what is done or leased and queues the rest again.
+    pub fn rescan_waiting(&mut self) {
+        self.waiting.clear();
+        self.scanned = self.floor;
+    }
+
     /// The next offset of a message never looked at.
     pub fn next_unscanned(&self) -> u64 {
         self.scanned.max(self.floor)
