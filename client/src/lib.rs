@@ -180,6 +180,7 @@ mod broadcast;
 mod config;
 mod consumer;
 mod error;
+mod framed;
 mod message;
 mod producer;
 mod push_consumer;

@@ -27,9 +27,10 @@ use tokio::task::JoinSet;
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
+use crate::framed::EncodedSend;
 use crate::message::{Message, ReceivedMessage, SendReceipt};
 use crate::telemetry::{CommandHandler, Telemetry};
-use crate::transport::{EncodedSend, Transport, resource};
+use crate::transport::{Transport, resource};
 
 /// A producer's decision on a transaction, or its answer to a check-back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,7 +467,7 @@ impl Inner {
         messages: &[v2::Message],
         sticky: Option<u32>,
     ) -> Result<(String, Vec<SendResultEntry>)> {
-        let encoded = EncodedSend::new(messages);
+        let encoded = EncodedSend::new(messages, &self.transport.buffers);
         let mut last = None;
         for attempt in 0..self.options.max_attempts {
             // A broker that is gone is left at once for another; anything else waits a bit.

@@ -11,17 +11,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ferrumq_protocol::v2;
 use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2::{
     Address, AddressScheme, Endpoints, MessageQueue, Permission, QueryRouteRequest, Resource,
 };
-use tonic::codegen::http::uri::PathAndQuery;
+use tonic::client::GrpcService;
+use tonic::codegen::http;
 use tonic::transport::Channel;
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
+use crate::framed::{BufferPool, EncodedSend};
 
 pub(crate) type Rpc = MessagingServiceClient<Channel>;
 
@@ -120,6 +121,8 @@ pub(crate) struct Transport {
     routes: Mutex<HashMap<String, Arc<Route>>>,
     down_until: Mutex<HashMap<String, Instant>>,
     next: AtomicUsize,
+    /// Buffers that send requests are encoded into.
+    pub(crate) buffers: BufferPool,
 }
 
 impl Transport {
@@ -131,6 +134,7 @@ impl Transport {
             routes: Mutex::new(HashMap::new()),
             down_until: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
+            buffers: BufferPool::default(),
         }))
     }
 
@@ -158,30 +162,43 @@ impl Transport {
             .max_encoding_message_size(usize::MAX))
     }
 
-    /// Sends an encoded `SendMessageRequest`, like `unary` does any other request.
+    /// Sends an encoded `SendMessageRequest`, like `unary` does any other request, handing
+    /// its frame to the connection as it is (see [`framed`](crate::framed)).
     pub(crate) async fn send(
         &self,
         endpoint: &str,
         encoded: EncodedSend,
     ) -> Result<v2::SendMessageResponse> {
         let timeout = self.timeout();
-        let mut grpc = tonic::client::Grpc::new(self.channel(endpoint)?)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
+        let mut channel = self.channel(endpoint)?;
         let reply = within(endpoint, timeout, async {
             let rpc_error = |s: tonic::Status| Error::from_rpc(endpoint, timeout, &s);
-            grpc.ready()
+            let unreachable =
+                |e: tonic::transport::Error| rpc_error(tonic::Status::from_error(e.into()));
+            std::future::poll_fn(|cx| GrpcService::poll_ready(&mut channel, cx))
                 .await
-                .map_err(|e| rpc_error(tonic::Status::unknown(e.to_string())))?;
-            let path =
-                PathAndQuery::from_static("/apache.rocketmq.v2.MessagingService/SendMessage");
-            let codec = tonic_prost::ProstCodec::<EncodedSend, v2::SendMessageResponse>::default();
-            grpc.unary(self.request(encoded, Some(timeout)), path, codec)
+                .map_err(unreachable)?;
+            let (metadata, _, ()) = self.request((), Some(timeout)).into_parts();
+            let mut request = http::Request::new(encoded.into_body());
+            *request.method_mut() = http::Method::POST;
+            *request.uri_mut() =
+                http::Uri::from_static("/apache.rocketmq.v2.MessagingService/SendMessage");
+            *request.version_mut() = http::Version::HTTP_2;
+            *request.headers_mut() = metadata.into_headers();
+            let headers = request.headers_mut();
+            headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            let response = GrpcService::call(&mut channel, request)
+                .await
+                .map_err(unreachable)?;
+            crate::framed::unary_reply::<v2::SendMessageResponse>(response)
                 .await
                 .map_err(rpc_error)
         })
-        .await?
-        .into_inner();
+        .await?;
         Error::check(endpoint, reply.status())?;
         Ok(reply)
     }
@@ -373,52 +390,6 @@ fn no_route(topic: &str, cause: Error) -> Error {
     }
 }
 
-/// A `SendMessageRequest` encoded once, straight from borrowed messages. Retries send these
-/// bytes again rather than cloning and encoding every message anew.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct EncodedSend(Bytes);
-
-impl EncodedSend {
-    pub(crate) fn new(messages: &[v2::Message]) -> EncodedSend {
-        // `SendMessageRequest { repeated Message messages = 1; }`
-        const MESSAGES: u32 = 1;
-        let len = messages
-            .iter()
-            .map(|m| prost::encoding::message::encoded_len(MESSAGES, m))
-            .sum();
-        let mut encoded = Vec::with_capacity(len);
-        for message in messages {
-            prost::encoding::message::encode(MESSAGES, message, &mut encoded);
-        }
-        EncodedSend(encoded.into())
-    }
-}
-
-impl prost::Message for EncodedSend {
-    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
-        buf.put_slice(&self.0);
-    }
-
-    // Only ever sent, never decoded.
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> std::result::Result<(), prost::DecodeError> {
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn clear(&mut self) {
-        self.0 = Bytes::new();
-    }
-}
-
 /// When an endpoint that failed at `now` is tried first again; a `down_for` past what the
 /// clock can hold means a year.
 fn down_until(now: Instant, down_for: Duration) -> Instant {
@@ -448,30 +419,6 @@ pub(crate) async fn within<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_encoded_send_is_the_request_prost_would_encode() {
-        use prost::Message as _;
-        let messages: Vec<v2::Message> = ["a", "bb", ""]
-            .iter()
-            .map(|body| v2::Message {
-                topic: resource("t"),
-                body: Bytes::from(body.as_bytes().to_vec()),
-                ..v2::Message::default()
-            })
-            .collect();
-        let expected = v2::SendMessageRequest {
-            messages: messages.clone(),
-        }
-        .encode_to_vec();
-        let encoded = EncodedSend::new(&messages);
-        assert_eq!(encoded.encoded_len(), expected.len());
-        assert_eq!(encoded.encode_to_vec(), expected);
-        assert_eq!(
-            v2::SendMessageRequest::decode(encoded.0).unwrap().messages,
-            messages
-        );
-    }
 
     fn queue(host: &str, permission: Permission) -> MessageQueue {
         MessageQueue {

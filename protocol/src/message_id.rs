@@ -38,7 +38,10 @@ pub fn new_message_id() -> String {
     put_hex(&mut id[14..18], u64::from(pid));
     put_hex(&mut id[18..26], seconds);
     put_hex(&mut id[26..34], u64::from(sequence));
-    id.iter().map(|&digit| char::from(digit)).collect()
+    // Hex digits are ASCII, so the conversion cannot fail.
+    std::str::from_utf8(&id)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// Writes the low `4 * out.len()` bits of `value` into `out` as upper-case hex digits.
