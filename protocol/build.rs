@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .generate_default_stubs(true)
+        .codec_path("crate::codec::GrpcCodec")
         // Bodies stay in the buffer they arrived in instead of being copied out.
         .bytes(".apache.rocketmq.v2.Message.body")
         .compile_fds(descriptors)?;

@@ -613,7 +613,7 @@ impl Broker {
         &self,
         group: &str,
         topic: &str,
-        handles: &[(String, String)],
+        handles: &[&str],
     ) -> ApiResult<Vec<ApiResult<()>>> {
         let group = self.known_group(group)?;
         let topic = self.readable_topic(topic)?;

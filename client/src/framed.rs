@@ -125,7 +125,7 @@ where
         return Err(status);
     }
     let status_code = response.status();
-    let mut codec = tonic_prost::ProstCodec::<(), M>::default();
+    let mut codec = ferrumq_protocol::codec::GrpcCodec::<(), M>::default();
     let mut reply = Streaming::new_response(
         codec.decoder(),
         response.into_body(),

@@ -37,6 +37,7 @@ pub mod ferrumq {
     }
 }
 
+pub mod codec;
 pub mod message_id;
 
 pub use apache::rocketmq::v2;

@@ -334,25 +334,26 @@ impl ConsumerGroups {
         })
     }
 
-    /// Finishes messages. Each entry's outcome is its own: an entry already acked is OK
-    /// again; a handle from an earlier delivery is INVALID_RECEIPT_HANDLE.
+    /// Finishes the messages of an ack's entries, given their receipt handles. Each entry's
+    /// outcome is its own: an entry already acked is OK again; a handle from an earlier
+    /// delivery is INVALID_RECEIPT_HANDLE.
     pub fn ack(
         &self,
         group: &GroupConfig,
         topic: &TopicConfig,
-        handles: &[(String, String)],
+        handles: &[&str],
     ) -> (Vec<ApiResult<()>>, Option<LogPos>) {
         let mut state = self.lock();
         let mut outcomes = Vec::with_capacity(handles.len());
         let mut finished = Vec::new();
-        for (index, (field, text)) in handles.iter().enumerate() {
-            let outcome =
-                ReceiptHandle::decode(text, &topic.name, field).and_then(
-                    |handle| match check_lease(&state, group, topic, &handle, field)? {
-                        LeaseCheck::AlreadyDone => Ok(None),
-                        LeaseCheck::Current => Ok(Some((handle.queue_id, handle.offset))),
-                    },
-                );
+        for (index, text) in handles.iter().enumerate() {
+            let field = EntryField(index);
+            let outcome = ReceiptHandle::decode(text, &topic.name, &field).and_then(|handle| {
+                match check_lease(&state, group, topic, &handle, &field)? {
+                    LeaseCheck::AlreadyDone => Ok(None),
+                    LeaseCheck::Current => Ok(Some((handle.queue_id, handle.offset))),
+                }
+            });
             outcomes.push(outcome.map(|done| {
                 if let Some(done) = done {
                     finished.push((index, done));
@@ -857,9 +858,9 @@ impl ConsumerGroups {
             return Ok(Some(None));
         }
         let record = self.store.read(entry.log_pos)?;
-        Ok(Some(
-            filter.matches(&record.view().properties).then_some(record),
-        ))
+        // Decoding the properties again is only worth it for a filter that reads them.
+        let matches = matches!(filter, Filter::All) || filter.matches(&record.view().properties);
+        Ok(Some(matches.then_some(record)))
     }
 
     fn record_in(&self, queue: &ConsumeQueue, offset: u64) -> Option<StoredRecord> {
@@ -946,6 +947,15 @@ impl ConsumerGroups {
     }
 }
 
+/// `entries[i].receipt_handle`, written only when an error names it.
+struct EntryField(usize);
+
+impl std::fmt::Display for EntryField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "entries[{}].receipt_handle", self.0)
+    }
+}
+
 enum LeaseCheck {
     Current,
     AlreadyDone,
@@ -956,7 +966,7 @@ fn check_lease(
     group: &GroupConfig,
     topic: &TopicConfig,
     handle: &ReceiptHandle,
-    field: &str,
+    field: &dyn std::fmt::Display,
 ) -> ApiResult<LeaseCheck> {
     let queue = state.queue(&group.name, &topic.name, handle.queue_id);
     if queue.is_some_and(|q| q.is_done(handle.offset)) {
@@ -985,8 +995,8 @@ fn current_lease(
     topic: &TopicConfig,
     text: &str,
 ) -> ApiResult<ReceiptHandle> {
-    let handle = ReceiptHandle::decode(text, &topic.name, "receipt_handle")?;
-    match check_lease(state, group, topic, &handle, "receipt_handle")? {
+    let handle = ReceiptHandle::decode(text, &topic.name, &"receipt_handle")?;
+    match check_lease(state, group, topic, &handle, &"receipt_handle")? {
         LeaseCheck::Current => Ok(handle),
         LeaseCheck::AlreadyDone => Err(ApiError::new(
             Code::InvalidReceiptHandle,

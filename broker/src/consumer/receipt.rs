@@ -34,7 +34,11 @@ impl ReceiptHandle {
     }
 
     /// Parses a handle received for `topic`; `field` names it in the error.
-    pub fn decode(text: &str, topic: &str, field: &str) -> ApiResult<ReceiptHandle> {
+    pub fn decode(
+        text: &str,
+        topic: &str,
+        field: &dyn std::fmt::Display,
+    ) -> ApiResult<ReceiptHandle> {
         let invalid = |why: &str| {
             ApiError::new(
                 Code::InvalidReceiptHandle,
@@ -100,8 +104,8 @@ mod tests {
             epoch: 7,
         };
         let text = h.encode("orders");
-        assert_eq!(ReceiptHandle::decode(&text, "orders", "f").unwrap(), h);
-        let err = ReceiptHandle::decode(&text, "other", "entries[0].receipt_handle").unwrap_err();
+        assert_eq!(ReceiptHandle::decode(&text, "orders", &"f").unwrap(), h);
+        let err = ReceiptHandle::decode(&text, "other", &"entries[0].receipt_handle").unwrap_err();
         assert_eq!(err.code, Code::InvalidReceiptHandle);
         assert!(err.message.contains("entries[0].receipt_handle"));
     }
@@ -109,7 +113,7 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_text_is_refused_not_panicked_on(text in ".{0,80}") {
-            if let Ok(h) = ReceiptHandle::decode(&text, "t", "f") {
+            if let Ok(h) = ReceiptHandle::decode(&text, "t", &"f") {
                 prop_assert_eq!(h.encode("t"), text);
             }
         }
@@ -121,7 +125,7 @@ mod tests {
             let mut changed = text.clone();
             changed.replace_range(at..at + 1, &c);
             if changed != text {
-                prop_assert!(ReceiptHandle::decode(&changed, "t", "f").is_err());
+                prop_assert!(ReceiptHandle::decode(&changed, "t", &"f").is_err());
             }
         }
     }

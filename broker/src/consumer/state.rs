@@ -166,6 +166,17 @@ pub enum Op {
 
 pub type QueueKey = (String, String, u32);
 
+/// Queue `queue_id` of `queues`, created by `start` when new.
+fn queue_in(
+    queues: &mut BTreeMap<u32, QueueState>,
+    queue_id: u32,
+    start: impl FnOnce() -> u64,
+) -> &mut QueueState {
+    queues
+        .entry(queue_id)
+        .or_insert_with(|| QueueState::starting_at(start()))
+}
+
 /// All groups' state on this broker.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ConsumerState {
@@ -192,13 +203,17 @@ impl ConsumerState {
         queue_id: u32,
         start: impl FnOnce() -> u64,
     ) -> &mut QueueState {
+        queue_in(self.queues_mut(group, topic), queue_id, start)
+    }
+
+    /// The group's queues of `topic`, created when new. Ops look them up once for all their
+    /// messages: the names are copied into the keys of a new entry.
+    fn queues_mut(&mut self, group: &str, topic: &str) -> &mut BTreeMap<u32, QueueState> {
         self.groups
             .entry(group.to_owned())
             .or_default()
             .entry(topic.to_owned())
             .or_default()
-            .entry(queue_id)
-            .or_insert_with(|| QueueState::starting_at(start()))
     }
 
     pub fn next_epoch(&mut self) -> u64 {
@@ -219,8 +234,9 @@ impl ConsumerState {
                 renew_until_ms,
                 owner,
             } => {
+                let queues = self.queues_mut(group, topic);
                 for &(queue_id, offset, attempt) in messages {
-                    let queue = self.queue_mut(group, topic, queue_id, || offset);
+                    let queue = queue_in(queues, queue_id, || offset);
                     if !queue.is_done(offset) {
                         queue.leases.insert(
                             offset,
@@ -259,9 +275,9 @@ impl ConsumerState {
                 topic,
                 messages,
             } => {
+                let queues = self.queues_mut(group, topic);
                 for &(queue_id, offset) in messages {
-                    self.queue_mut(group, topic, queue_id, || offset)
-                        .mark_done(offset);
+                    queue_in(queues, queue_id, || offset).mark_done(offset);
                 }
             }
             Op::Reset {

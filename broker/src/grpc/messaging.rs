@@ -208,16 +208,10 @@ impl MessagingService for MessagingApi {
                 if r.entries.is_empty() {
                     Err(ApiError::bad_request("entries is empty"))
                 } else {
-                    let handles: Vec<(String, String)> = r
+                    let handles: Vec<&str> = r
                         .entries
                         .iter()
-                        .enumerate()
-                        .map(|(i, e)| {
-                            (
-                                format!("entries[{i}].receipt_handle"),
-                                e.receipt_handle.clone(),
-                            )
-                        })
+                        .map(|e| e.receipt_handle.as_str())
                         .collect();
                     self.broker
                         .ack(name(r.group.as_ref()), name(r.topic.as_ref()), &handles)
@@ -225,19 +219,10 @@ impl MessagingService for MessagingApi {
                 }
             }
         };
-        let r = request.get_ref();
+        // Each result entry gives back its request entry's message id and handle.
+        let requested = request.into_inner().entries;
         let (status, entries) = match result {
             Ok(outcomes) => {
-                let entries: Vec<AckMessageResultEntry> = r
-                    .entries
-                    .iter()
-                    .zip(&outcomes)
-                    .map(|(e, outcome)| AckMessageResultEntry {
-                        message_id: e.message_id.clone(),
-                        receipt_handle: e.receipt_handle.clone(),
-                        status: Some(status_of(outcome)),
-                    })
-                    .collect();
                 let failed: Vec<&ApiError> =
                     outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
                 let status = match failed.len() {
@@ -248,16 +233,25 @@ impl MessagingService for MessagingApi {
                         "some entries failed; see each entry's status",
                     ),
                 };
+                let entries = requested
+                    .into_iter()
+                    .zip(&outcomes)
+                    .map(|(e, outcome)| AckMessageResultEntry {
+                        message_id: e.message_id,
+                        receipt_handle: e.receipt_handle,
+                        status: Some(status_of(outcome)),
+                    })
+                    .collect();
                 (status, entries)
             }
             // The Rust client reads entries[0]: answer one entry per request entry even so.
             Err(e) => (
                 e.status(),
-                r.entries
-                    .iter()
+                requested
+                    .into_iter()
                     .map(|entry| AckMessageResultEntry {
-                        message_id: entry.message_id.clone(),
-                        receipt_handle: entry.receipt_handle.clone(),
+                        message_id: entry.message_id,
+                        receipt_handle: entry.receipt_handle,
                         status: Some(e.status()),
                     })
                     .collect(),
