@@ -194,7 +194,8 @@ pub fn check(
         )));
     }
     let kind = kind_of(&field, &system, limits, now_ms)?;
-    let mut properties = Properties::new();
+    // Room for what most messages carry (id, tag, a key, born host) without growing.
+    let mut properties = Properties::with_capacity(192);
     let mut property_bytes = 0usize;
     let mut push = |key: &str, value: &str, properties: &mut Properties| -> ApiResult<()> {
         property_bytes += key.len() + value.len();

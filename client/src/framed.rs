@@ -255,6 +255,13 @@ mod tests {
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Internal);
 
+        // A message that does not parse.
+        let garbage = response(&[], &[0, 0, 0, 0, 2, 0x0A, 0xFF], Some(("0", "")));
+        let status = unary_reply::<v2::SendMessageResponse>(garbage)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
+
         // An OK status without a message.
         let empty = response(&[], &[], Some(("0", "")));
         assert!(unary_reply::<v2::SendMessageResponse>(empty).await.is_err());

@@ -71,6 +71,13 @@ impl Properties {
         }
     }
 
+    /// Empty, with room for `bytes` of encoded properties.
+    pub fn with_capacity(bytes: usize) -> Properties {
+        Properties {
+            encoded: Vec::with_capacity(bytes),
+        }
+    }
+
     /// Adds a property. Keys and values are at most 65,535 bytes each.
     pub fn push(&mut self, key: &str, value: &str) -> Result<(), crate::Error> {
         for (field, text) in [("property key", key), ("property value", value)] {
