@@ -5,8 +5,8 @@
 //! fill, copying what they hold each time. A send of 128 messages of 1 KiB is a 135 KiB
 //! request, and a receive of 512 streams out 32 KiB chunks, each started in a new buffer;
 //! most of their bytes were copied once more on the way in or out. Buffers of 256 KiB hold
-//! either without growing. Only the pages written to are ever touched, so a small call costs
-//! no more than before.
+//! either without growing. Only the pages written to are touched, so a small call's buffer
+//! takes address space rather than memory.
 //!
 //! prost reads a message field by field, advancing its buffer at each. tonic's decode buffer
 //! is a `BytesMut`, whose every advance was a visible part of decoding a receive's 512
@@ -19,7 +19,7 @@ use bytes::Buf;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::ProstEncoder;
 
-/// prost's codec with [`buffer_settings`].
+/// prost's encoder with [`buffer_settings`], and [`BytesDecoder`].
 #[derive(Debug, Clone, Copy)]
 pub struct GrpcCodec<T, U>(PhantomData<(T, U)>);
 
