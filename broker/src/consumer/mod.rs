@@ -273,14 +273,9 @@ impl ConsumerGroups {
             scanned.push((queue_id, scan.next));
         }
         let record_scans = |state: &mut ConsumerState| {
-            for (queue_id, offset) in &scanned {
-                if let Some(q) = state
-                    .groups
-                    .get_mut(&group.name)
-                    .and_then(|t| t.get_mut(&topic.name))
-                    .and_then(|q| q.get_mut(queue_id))
-                {
-                    q.scanned = q.scanned.max(*offset);
+            for &(queue_id, offset) in &scanned {
+                if let Some(q) = state.queue_if_held(&group.name, &topic.name, queue_id) {
+                    q.scanned = q.scanned.max(offset);
                 }
             }
         };
@@ -1013,13 +1008,8 @@ fn rescan_waiting(
     topic: &TopicConfig,
     queue_ids: &[u32],
 ) {
-    for queue_id in queue_ids {
-        if let Some(q) = state
-            .groups
-            .get_mut(&group.name)
-            .and_then(|t| t.get_mut(&topic.name))
-            .and_then(|q| q.get_mut(queue_id))
-        {
+    for &queue_id in queue_ids {
+        if let Some(q) = state.queue_if_held(&group.name, &topic.name, queue_id) {
             q.rescan_waiting();
         }
     }

@@ -195,6 +195,19 @@ impl ConsumerState {
         self.groups.get(group)?.get(topic)?.get(&queue_id)
     }
 
+    /// The queue's state when the group has one; nothing is created.
+    pub fn queue_if_held(
+        &mut self,
+        group: &str,
+        topic: &str,
+        queue_id: u32,
+    ) -> Option<&mut QueueState> {
+        self.groups
+            .get_mut(group)?
+            .get_mut(topic)?
+            .get_mut(&queue_id)
+    }
+
     /// The queue's state, created by `start` (the group's first offset) when new.
     pub fn queue_mut(
         &mut self,
