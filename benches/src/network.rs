@@ -409,8 +409,7 @@ pub(crate) async fn ack(
 pub(crate) fn consume(args: &NetArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         prepare(&args.endpoint, &args.topic, &args.group).await?;
-        let received = Arc::new(AtomicU64::new(0));
-        let start = Instant::now();
+        let received = Arc::new(Drained::new());
         match args.client {
             ClientKind::Native if args.pull => bail!("--pull drives --client raw"),
             ClientKind::Native => consume_native(args, &received).await?,
@@ -420,8 +419,8 @@ pub(crate) fn consume(args: &NetArgs) -> anyhow::Result<()> {
                 bail!("consume drives --client raw or native; the official client is measured by produce")
             }
         }
-        let seconds = start.elapsed().as_secs_f64();
-        let n = received.load(Ordering::Relaxed);
+        let seconds = received.seconds();
+        let n = received.count();
         let mut report = Report::default();
         report
             .add("mode", if args.pull { "consume-pull" } else { "consume" })
@@ -437,20 +436,53 @@ pub(crate) fn consume(args: &NetArgs) -> anyhow::Result<()> {
     })
 }
 
+/// Messages consumed so far, and when the last of them came. A run's time ends with its last
+/// message: the receivers that then find the backlog empty wait out their long polling, and
+/// that wait is not consuming.
+struct Drained {
+    start: Instant,
+    messages: AtomicU64,
+    last_us: AtomicU64,
+}
+
+impl Drained {
+    fn new() -> Drained {
+        Drained {
+            start: Instant::now(),
+            messages: AtomicU64::new(0),
+            last_us: AtomicU64::new(0),
+        }
+    }
+
+    fn add(&self, messages: usize) {
+        self.messages.fetch_add(messages as u64, Ordering::Relaxed);
+        let now = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_us.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
+
+    fn seconds(&self) -> f64 {
+        self.last_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
 /// C receivers: receive up to B, ack them in one request, until a receive comes back empty.
-async fn consume_raw(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Result<()> {
+async fn consume_raw(args: &NetArgs, received: &Arc<Drained>) -> anyhow::Result<()> {
     let client = connect(&args.endpoint).await?;
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency {
         let (mut client, received, args) = (client.clone(), received.clone(), args.clone());
         tasks.push(tokio::spawn(async move {
-            while received.load(Ordering::Relaxed) < args.count {
+            while received.count() < args.count {
                 let messages = receive(&mut client, &args, Duration::from_secs(1)).await?;
                 if messages.is_empty() {
                     break;
                 }
                 ack(&mut client, &args, &messages).await?;
-                received.fetch_add(messages.len() as u64, Ordering::Relaxed);
+                received.add(messages.len());
             }
             Ok::<(), anyhow::Error>(())
         }));
@@ -462,7 +494,7 @@ async fn consume_raw(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Resul
 }
 
 /// One task per queue of the topic pulls it from offset 0 until a pull comes back empty.
-async fn consume_pull(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Result<()> {
+async fn consume_pull(args: &NetArgs, received: &Arc<Drained>) -> anyhow::Result<()> {
     let mut client = connect(&args.endpoint).await?;
     let route = client
         .query_route(request(QueryRouteRequest {
@@ -476,7 +508,7 @@ async fn consume_pull(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Resu
         let (mut client, received, args) = (client.clone(), received.clone(), args.clone());
         tasks.push(tokio::spawn(async move {
             let mut offset = 0;
-            while received.load(Ordering::Relaxed) < args.count {
+            while received.count() < args.count {
                 let pull = request(PullMessageRequest {
                     group: resource(&args.group),
                     message_queue: Some(queue.clone()),
@@ -503,7 +535,7 @@ async fn consume_pull(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Resu
                 if pulled == 0 {
                     break;
                 }
-                received.fetch_add(pulled, Ordering::Relaxed);
+                received.add(pulled);
             }
             Ok::<(), anyhow::Error>(())
         }));
@@ -515,7 +547,7 @@ async fn consume_pull(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Resu
 }
 
 /// The same loop through ferrumq-client's SimpleConsumer.
-async fn consume_native(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Result<()> {
+async fn consume_native(args: &NetArgs, received: &Arc<Drained>) -> anyhow::Result<()> {
     use ferrumq_client::{ClientConfig, Filter, SimpleConsumer};
     let consumer = SimpleConsumer::builder(ClientConfig::new(args.endpoint.clone()), &args.group)
         .subscribe(args.topic.clone(), Filter::all())
@@ -528,13 +560,13 @@ async fn consume_native(args: &NetArgs, received: &Arc<AtomicU64>) -> anyhow::Re
     for _ in 0..args.concurrency {
         let (consumer, received, count) = (consumer.clone(), received.clone(), args.count);
         tasks.push(tokio::spawn(async move {
-            while received.load(Ordering::Relaxed) < count {
+            while received.count() < count {
                 let messages = consumer.receive(max, Duration::from_secs(30)).await?;
                 if messages.is_empty() {
                     break;
                 }
                 consumer.ack_all(&messages).await?;
-                received.fetch_add(messages.len() as u64, Ordering::Relaxed);
+                received.add(messages.len());
             }
             Ok::<(), anyhow::Error>(())
         }));

@@ -1,12 +1,9 @@
 //! Between the wire and the log: checks an incoming `apache.rocketmq.v2.Message` and turns it
 //! into stored properties, and turns a stored record back into the message a consumer sees.
 
-use std::collections::HashMap;
-
-use ferrumq_protocol::v2::{
-    self, Code, DeadLetterQueue, Digest, DigestType, Encoding, MessageType, Resource,
-    SystemProperties,
-};
+use bytes::BytesMut;
+use ferrumq_protocol::frame::EncodedMessage;
+use ferrumq_protocol::v2::{self, Code, DigestType, Encoding, MessageType, SystemProperties};
 use ferrumq_storage::{
     MessageType as StoredType, NewRecord, Properties, PropertiesRef, RecordView, StoredRecord,
     TermIndex, keys,
@@ -483,101 +480,133 @@ impl BodyDigest {
         }
     }
 
-    fn of(self, body: &[u8]) -> Digest {
-        let (r#type, checksum) = match self {
+    fn of(self, body: &[u8]) -> (DigestType, String) {
+        match self {
             BodyDigest::Md5 => (DigestType::Md5, hex::encode_upper(Md5::digest(body))),
             BodyDigest::Crc32Hex => (DigestType::Crc32, hex_text(crc32fast::hash(body), 1)),
             BodyDigest::Crc32PaddedHex => (DigestType::Crc32, hex_text(crc32fast::hash(body), 8)),
             BodyDigest::Crc32Decimal => (DigestType::Crc32, crc32fast::hash(body).to_string()),
-        };
-        Digest {
-            r#type: r#type as i32,
-            checksum,
         }
     }
 }
 
 /// How a message is being handed out, when it is (receive) rather than only read (pull).
 pub struct Delivery<'a> {
-    pub receipt_handle: String,
+    pub receipt_handle: &'a str,
     pub attempt: u32,
     pub invisible_ms: u64,
     pub store_host: &'a str,
 }
 
-/// The message a consumer sees for a stored record. Its body shares the record's mapping.
+/// Writes the message a consumer sees for a stored record into `out`, a scratch buffer, and
+/// takes it out. This is the one place a stored record becomes a wire message.
+pub fn encode_wire(
+    record: &StoredRecord,
+    delivery: Option<Delivery<'_>>,
+    store_host: &str,
+    digest: BodyDigest,
+    out: &mut BytesMut,
+) -> EncodedMessage {
+    let view = record.view();
+    EncodedMessage::write(out, |message| {
+        let mut topic = view.topic;
+        let (mut message_id, mut has_keys) = ("", false);
+        let (mut tag, mut born_host, mut trace_context, mut group) = (None, None, None, None);
+        let (mut dlq_topic, mut dlq_id, mut deliver_at) = (None, None, None);
+        for (key, value) in view.properties.iter() {
+            match key {
+                keys::MESSAGE_ID => message_id = value,
+                keys::TAG => tag = Some(value),
+                keys::KEY => has_keys = true,
+                property::BORN_HOST => born_host = Some(value),
+                property::TRACE_CONTEXT => trace_context = Some(value),
+                property::MESSAGE_GROUP => group = Some(value),
+                property::DLQ_ORIGIN_TOPIC => dlq_topic = Some(value),
+                property::DLQ_ORIGIN_MESSAGE_ID => dlq_id = Some(value),
+                property::REAL_TOPIC => topic = value,
+                property::DELIVER_AT_MS => deliver_at = value.parse::<i64>().ok(),
+                _ if is_reserved_key(key) => {}
+                _ => message.user_property(key, value),
+            }
+        }
+        message.topic(topic);
+        message.system_properties(|system| {
+            if let Some(tag) = tag {
+                system.tag(tag);
+            }
+            if has_keys {
+                let keys = view.properties.iter().filter(|(k, _)| *k == keys::KEY);
+                keys.for_each(|(_, key)| system.key(key));
+            }
+            system.message_id(message_id);
+            let (digest_type, checksum) = digest.of(view.body);
+            system.body_digest(digest_type, &checksum);
+            system.body_encoding(Encoding::Identity);
+            system.message_type(match view.message_type {
+                StoredType::Fifo => MessageType::Fifo,
+                StoredType::Delay => MessageType::Delay,
+                StoredType::TransactionHalf | StoredType::TransactionCommit => {
+                    MessageType::Transaction
+                }
+                _ => MessageType::Normal,
+            });
+            system.born_timestamp(view.born_timestamp_ms);
+            match born_host {
+                Some(host) if !host.is_empty() => system.born_host(host),
+                _ => system.born_host(&ip_text(view.born_host.ip())),
+            }
+            system.store_timestamp(view.store_timestamp_ms);
+            system.store_host(delivery.as_ref().map_or(store_host, |d| d.store_host));
+            if let Some(at) = deliver_at {
+                system.delivery_timestamp(at);
+            }
+            if let Some(delivery) = &delivery {
+                system.receipt_handle(delivery.receipt_handle);
+            }
+            system.queue_id(i32::try_from(view.queue_id).unwrap_or(i32::MAX));
+            if let Ok(offset) = i64::try_from(view.queue_offset.0) {
+                system.queue_offset(offset);
+            }
+            if let Some(delivery) = &delivery {
+                system.invisible_duration(delivery.invisible_ms);
+                system.delivery_attempt(i32::try_from(delivery.attempt).unwrap_or(i32::MAX));
+            }
+            if let Some(group) = group {
+                system.message_group(group);
+            }
+            if let Some(context) = trace_context {
+                system.trace_context(context);
+            }
+            if let (Some(topic), Some(id)) = (dlq_topic, dlq_id) {
+                system.dead_letter_queue(topic, id);
+            }
+        });
+        message.body(view.body);
+    })
+}
+
+/// A buffer with room for the wire messages of `records`: a batch's in one allocation.
+pub fn wire_buffer<'a>(records: impl IntoIterator<Item = &'a StoredRecord>) -> BytesMut {
+    // What a wire message has beyond its stored record: a receipt handle, two hosts, a digest.
+    const WIRE_EXTRA: u64 = 256;
+    let bytes: u64 = records
+        .into_iter()
+        .map(|r| r.end().0 - r.pos().0 + WIRE_EXTRA)
+        .sum();
+    BytesMut::with_capacity(usize::try_from(bytes).unwrap_or(0))
+}
+
+/// [`encode_wire`], typed: for replies that hold the message in a larger structure.
 pub fn to_wire(
     record: &StoredRecord,
     delivery: Option<Delivery<'_>>,
     store_host: &str,
     digest: BodyDigest,
-) -> v2::Message {
-    let view = &record.view();
-    let mut user_properties = HashMap::new();
-    let mut system = SystemProperties {
-        body_encoding: Encoding::Identity as i32,
-        message_type: MessageType::Normal as i32,
-        born_timestamp: Some(timestamp(view.born_timestamp_ms)),
-        store_timestamp: Some(timestamp(view.store_timestamp_ms)),
-        queue_id: i32::try_from(view.queue_id).unwrap_or(i32::MAX),
-        queue_offset: i64::try_from(view.queue_offset.0).ok(),
-        body_digest: Some(digest.of(view.body)),
-        ..SystemProperties::default()
-    };
-    system.message_type = match view.message_type {
-        StoredType::Fifo => MessageType::Fifo,
-        StoredType::Delay => MessageType::Delay,
-        StoredType::TransactionHalf | StoredType::TransactionCommit => MessageType::Transaction,
-        _ => MessageType::Normal,
-    } as i32;
-    let mut topic = view.topic;
-    let mut dlq_topic = None;
-    let mut dlq_id = None;
-    for (key, value) in view.properties.iter() {
-        match key {
-            keys::MESSAGE_ID => system.message_id = value.to_owned(),
-            keys::TAG => system.tag = Some(value.to_owned()),
-            keys::KEY => system.keys.push(value.to_owned()),
-            property::BORN_HOST => system.born_host = value.to_owned(),
-            property::TRACE_CONTEXT => system.trace_context = Some(value.to_owned()),
-            property::MESSAGE_GROUP => system.message_group = Some(value.to_owned()),
-            property::DLQ_ORIGIN_TOPIC => dlq_topic = Some(value.to_owned()),
-            property::DLQ_ORIGIN_MESSAGE_ID => dlq_id = Some(value.to_owned()),
-            property::REAL_TOPIC => topic = value,
-            property::DELIVER_AT_MS => {
-                system.delivery_timestamp = value.parse().ok().map(timestamp);
-            }
-            _ if is_reserved_key(key) => {}
-            _ => {
-                user_properties.insert(key.to_owned(), value.to_owned());
-            }
-        }
-    }
-    if let (Some(topic), Some(message_id)) = (dlq_topic, dlq_id) {
-        system.dead_letter_queue = Some(DeadLetterQueue { topic, message_id });
-    }
-    if system.born_host.is_empty() {
-        system.born_host = ip_text(view.born_host.ip());
-    }
-    system.store_host = match &delivery {
-        Some(delivery) => delivery.store_host,
-        None => store_host,
-    }
-    .to_owned();
-    if let Some(delivery) = delivery {
-        system.receipt_handle = Some(delivery.receipt_handle);
-        system.delivery_attempt = Some(i32::try_from(delivery.attempt).unwrap_or(i32::MAX));
-        system.invisible_duration = Some(ferrumq_protocol::duration_from_ms(delivery.invisible_ms));
-    }
-    v2::Message {
-        topic: Some(Resource {
-            resource_namespace: String::new(),
-            name: topic.to_owned(),
-        }),
-        user_properties,
-        system_properties: Some(system),
-        body: bytes::Bytes::from_owner(record.clone()).slice_ref(view.body),
-    }
+) -> ApiResult<v2::Message> {
+    let encoded = encode_wire(record, delivery, store_host, digest, &mut BytesMut::new());
+    encoded
+        .decode()
+        .map_err(|e| ApiError::internal(format!("stored record at {}: {e}", record.pos().0)))
 }
 
 /// `value` in hex, zero-padded to `min_digits`.
@@ -641,6 +670,10 @@ pub fn duration_ms(d: &prost_types::Duration) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use ferrumq_protocol::v2::Resource;
+
     use super::*;
 
     const NOW: i64 = 1_800_000_000_000;
@@ -919,20 +952,143 @@ mod tests {
     fn body_digest_takes_each_clients_text_form() {
         // CRC32("m21") = 0x03E0D52A: a leading zero shows the padded and unpadded forms apart.
         let digest = |language| BodyDigest::for_language(language).of(b"m21");
-        let crc32 = DigestType::Crc32 as i32;
-        let java = digest(Some("JAVA"));
-        assert_eq!((java.r#type, java.checksum.as_str()), (crc32, "3E0D52A"));
-        let python = digest(Some("PYTHON"));
-        assert_eq!(
-            (python.r#type, python.checksum.as_str()),
-            (crc32, "03E0D52A")
-        );
-        let node = digest(Some("HTTP"));
-        assert_eq!((node.r#type, node.checksum.as_str()), (crc32, "65066282"));
+        let crc32 = DigestType::Crc32;
+        assert_eq!(digest(Some("JAVA")), (crc32, "3E0D52A".to_owned()));
+        assert_eq!(digest(Some("PYTHON")), (crc32, "03E0D52A".to_owned()));
+        assert_eq!(digest(Some("HTTP")), (crc32, "65066282".to_owned()));
         for other in [Some("GO"), Some("DOTNET"), Some("java"), None] {
-            let md5 = digest(other);
-            assert_eq!(md5.r#type, DigestType::Md5 as i32);
-            assert_eq!(md5.checksum, "AF533170E9968B9DE45AB0842B54A315");
+            let md5 = (
+                DigestType::Md5,
+                "AF533170E9968B9DE45AB0842B54A315".to_owned(),
+            );
+            assert_eq!(digest(other), md5);
         }
+    }
+
+    /// Appends one record to a fresh store and reads it back.
+    fn stored(
+        dir: &tempfile::TempDir,
+        message_type: StoredType,
+        properties: &[(&str, &str)],
+    ) -> StoredRecord {
+        let options = ferrumq_storage::StoreOptions {
+            segment_size_bytes: 1 << 20,
+            ..ferrumq_storage::StoreOptions::default()
+        };
+        let store = ferrumq_storage::MessageStore::open(dir.path(), options).unwrap();
+        let mut stored = Properties::default();
+        for (key, value) in properties {
+            stored.push(key, value).unwrap();
+        }
+        let appended = store
+            .append(&NewRecord {
+                topic: "stored-topic",
+                queue_id: 3,
+                message_type,
+                born_timestamp_ms: NOW - 1_500,
+                born_host: "10.1.2.3:4567".parse().unwrap(),
+                properties: stored.as_ref(),
+                body: b"m21",
+                term_index: TermIndex::default(),
+            })
+            .unwrap();
+        store.read(appended.pos).unwrap()
+    }
+
+    #[test]
+    fn a_delivered_record_becomes_the_message_its_properties_describe() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = stored(
+            &dir,
+            StoredType::Fifo,
+            &[
+                (keys::MESSAGE_ID, "01AB"),
+                (keys::TAG, "paid"),
+                (keys::KEY, "order-1"),
+                (keys::KEY, "order-2"),
+                (property::BORN_HOST, "client-host"),
+                (property::TRACE_CONTEXT, "trace"),
+                (property::MESSAGE_GROUP, "group-7"),
+                (property::DLQ_ORIGIN_TOPIC, "origin"),
+                (property::DLQ_ORIGIN_MESSAGE_ID, "00FF"),
+                (property::REAL_TOPIC, "orders"),
+                (property::DELIVER_AT_MS, "1800000000500"),
+                ("WAIT", "true"),
+                ("region", "eu"),
+                ("empty", ""),
+            ],
+        );
+        let delivery = Delivery {
+            receipt_handle: "handle",
+            attempt: 2,
+            invisible_ms: 30_250,
+            store_host: "10.0.0.9:8081",
+        };
+        let digest = BodyDigest::Crc32PaddedHex;
+        let wire = to_wire(&record, Some(delivery), "unused:1", digest).unwrap();
+        let store_timestamp = record.view().store_timestamp_ms;
+        let expected = v2::Message {
+            topic: Some(Resource {
+                resource_namespace: String::new(),
+                name: "orders".into(),
+            }),
+            user_properties: HashMap::from([
+                ("region".to_owned(), "eu".to_owned()),
+                ("empty".to_owned(), String::new()),
+            ]),
+            system_properties: Some(SystemProperties {
+                tag: Some("paid".into()),
+                keys: vec!["order-1".into(), "order-2".into()],
+                message_id: "01AB".into(),
+                body_digest: Some(v2::Digest {
+                    r#type: DigestType::Crc32 as i32,
+                    checksum: "03E0D52A".into(),
+                }),
+                body_encoding: Encoding::Identity as i32,
+                message_type: MessageType::Fifo as i32,
+                born_timestamp: Some(timestamp(NOW - 1_500)),
+                born_host: "client-host".into(),
+                store_timestamp: Some(timestamp(store_timestamp)),
+                store_host: "10.0.0.9:8081".into(),
+                delivery_timestamp: Some(timestamp(1_800_000_000_500)),
+                receipt_handle: Some("handle".into()),
+                queue_id: 3,
+                queue_offset: Some(0),
+                invisible_duration: Some(ferrumq_protocol::duration_from_ms(30_250)),
+                delivery_attempt: Some(2),
+                message_group: Some("group-7".into()),
+                trace_context: Some("trace".into()),
+                orphaned_transaction_recovery_duration: None,
+                dead_letter_queue: Some(v2::DeadLetterQueue {
+                    topic: "origin".into(),
+                    message_id: "00FF".into(),
+                }),
+            }),
+            body: bytes::Bytes::from_static(b"m21"),
+        };
+        assert_eq!(wire, expected);
+    }
+
+    #[test]
+    fn a_read_record_has_no_lease_and_its_born_address_as_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = stored(&dir, StoredType::Normal, &[(keys::MESSAGE_ID, "01AB")]);
+        let wire = to_wire(&record, None, "10.0.0.9:8081", BodyDigest::Md5).unwrap();
+        let system = wire.system_properties.unwrap();
+        assert_eq!(wire.topic.unwrap().name, "stored-topic");
+        assert!(wire.user_properties.is_empty());
+        assert_eq!(system.born_host, "10.1.2.3");
+        assert_eq!(system.store_host, "10.0.0.9:8081");
+        assert_eq!(system.message_type, MessageType::Normal as i32);
+        assert_eq!((system.tag, system.keys.len()), (None, 0));
+        assert_eq!(system.receipt_handle, None);
+        assert_eq!(system.delivery_attempt, None);
+        assert_eq!(system.invisible_duration, None);
+        assert_eq!(system.delivery_timestamp, None);
+        assert_eq!(system.dead_letter_queue, None);
+        assert_eq!(
+            system.body_digest.unwrap().checksum,
+            "AF533170E9968B9DE45AB0842B54A315"
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ferrumq_nameserver::RouteTable;
 use ferrumq_nameserver::session::{SettingsPolicy, TelemetrySender};
 use ferrumq_protocol::cluster::{BrokerRegistration, TopicRoute};
+use ferrumq_protocol::frame::EncodedMessage;
 use ferrumq_protocol::v2::{
     self, Code, FilterType, MessageQueue, QueryOffsetPolicy, SendResultEntry, Status,
 };
@@ -407,7 +408,7 @@ impl Broker {
                 })?;
         let mut sent = 0;
         for check in checks {
-            let mut message = message::to_wire(&check.half, None, &self.endpoint, BodyDigest::Md5);
+            let mut message = message::to_wire(&check.half, None, &self.endpoint, BodyDigest::Md5)?;
             if let Some(system) = message.system_properties.as_mut() {
                 system.queue_id = check
                     .half
@@ -500,7 +501,7 @@ impl Broker {
 
     /// Receives with long polling: returns as soon as there are messages, or when the poll
     /// time (bounded by the caller's deadline) is up, with none.
-    pub async fn receive(&self, request: ReceiveRequest<'_>) -> ApiResult<Vec<v2::Message>> {
+    pub async fn receive(&self, request: ReceiveRequest<'_>) -> ApiResult<Vec<EncodedMessage>> {
         let limits = &self.config.limits;
         let group = self.group_or_create(request.group)?;
         let topic = self.readable_topic(request.topic)?;
@@ -573,17 +574,27 @@ impl Broker {
             })?;
             if !received.messages.is_empty() {
                 let store_host = self.endpoint.as_str();
+                let mut out = message::wire_buffer(received.messages.iter().map(|d| &d.record));
+                let mut handle = String::with_capacity(48);
                 return Ok(received
                     .messages
                     .into_iter()
                     .map(|d| {
+                        d.handle.encode_into(&topic.name, &mut handle);
                         let delivery = Delivery {
-                            receipt_handle: d.handle.encode(&topic.name),
+                            receipt_handle: &handle,
                             attempt: d.attempt,
                             invisible_ms,
                             store_host,
                         };
-                        message::to_wire(&d.record, Some(delivery), store_host, request.digest)
+                        let digest = request.digest;
+                        message::encode_wire(
+                            &d.record,
+                            Some(delivery),
+                            store_host,
+                            digest,
+                            &mut out,
+                        )
                     })
                     .collect());
             }
@@ -727,7 +738,7 @@ impl Broker {
 
     /// Reads a queue from an offset without leases (PullMessage); returns the messages and
     /// the next offset to read.
-    pub async fn pull(&self, request: PullRequest<'_>) -> ApiResult<(Vec<v2::Message>, i64)> {
+    pub async fn pull(&self, request: PullRequest<'_>) -> ApiResult<(Vec<EncodedMessage>, i64)> {
         let PullRequest {
             topic,
             queue_id,
@@ -754,11 +765,11 @@ impl Broker {
         let mut dispatched = self.dispatched.clone();
         loop {
             dispatched.borrow_and_update();
-            let mut messages = Vec::new();
+            let mut records = Vec::new();
             let mut next = from;
             if let Some(queue) = self.store.consume_queue(&topic.name, queue_id) {
                 next = next.max(queue.min_offset().0);
-                while next < queue.max_offset().0 && (messages.len() as u64) < batch {
+                while next < queue.max_offset().0 && (records.len() as u64) < batch {
                     let Some(entry) = queue.get(QueueOffset(next)) else {
                         break;
                     };
@@ -767,13 +778,17 @@ impl Broker {
                         continue;
                     }
                     let record = self.store.read(entry.log_pos)?;
-                    let view = record.view();
-                    if filter.matches(&view.properties) {
-                        messages.push(message::to_wire(&record, None, &self.endpoint, digest));
+                    if filter.matches(&record.view().properties) {
+                        records.push(record);
                     }
                 }
             }
-            if !messages.is_empty() || next > from || Instant::now() >= until {
+            if !records.is_empty() || next > from || Instant::now() >= until {
+                let mut out = message::wire_buffer(&records);
+                let messages = records
+                    .iter()
+                    .map(|r| message::encode_wire(r, None, &self.endpoint, digest, &mut out))
+                    .collect();
                 return Ok((messages, i64::try_from(next).unwrap_or(i64::MAX)));
             }
             wait_for_progress(&mut dispatched, until).await;

@@ -5,6 +5,7 @@
 //! - [`admin`]: `ferrumq.admin.v1`, topics, groups, offsets and messages.
 //! - [`cluster`]: `ferrumq.cluster.v1`, broker registration with the nameservers.
 //! - [`message_id`]: new message ids in the official clients' format.
+//! - [`frame`]: replies that stream messages the broker encoded itself.
 
 #![allow(
     unreachable_pub,
@@ -14,11 +15,13 @@
 )]
 
 /// The generated code refers to other packages by relative module paths, so the modules
-/// mirror the protobuf packages; [`v2`], [`admin`] and [`cluster`] are the short names.
+/// mirror the protobuf packages; [`v2`], [`admin`] and [`cluster`] are the short names. Each
+/// holds its messages and clients, then its servers (generated apart, see `build.rs`).
 pub mod apache {
     pub mod rocketmq {
         pub mod v2 {
             tonic::include_proto!("apache.rocketmq.v2");
+            include!(concat!(env!("OUT_DIR"), "/server/apache.rocketmq.v2.rs"));
         }
     }
 }
@@ -28,16 +31,19 @@ pub mod ferrumq {
     pub mod admin {
         pub mod v1 {
             tonic::include_proto!("ferrumq.admin.v1");
+            include!(concat!(env!("OUT_DIR"), "/server/ferrumq.admin.v1.rs"));
         }
     }
     pub mod cluster {
         pub mod v1 {
             tonic::include_proto!("ferrumq.cluster.v1");
+            include!(concat!(env!("OUT_DIR"), "/server/ferrumq.cluster.v1.rs"));
         }
     }
 }
 
 pub mod codec;
+pub mod frame;
 pub mod message_id;
 
 pub use apache::rocketmq::v2;

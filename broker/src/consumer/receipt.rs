@@ -23,14 +23,20 @@ const VERSION: &str = "f1";
 impl ReceiptHandle {
     pub fn encode(&self, topic: &str) -> String {
         let mut text = String::with_capacity(48);
+        self.encode_into(topic, &mut text);
+        text
+    }
+
+    /// [`encode`](Self::encode) into `text`, replacing what it held.
+    pub fn encode_into(&self, topic: &str, text: &mut String) {
+        text.clear();
         text.push_str(VERSION);
         for value in [u64::from(self.queue_id), self.offset, self.epoch] {
             text.push('.');
-            push_hex(&mut text, value, 1, HEX_LOWER);
+            push_hex(text, value, 1, HEX_LOWER);
         }
         text.push('.');
-        push_hex(&mut text, u64::from(self.checksum(topic)), 8, HEX_LOWER);
-        text
+        push_hex(text, u64::from(self.checksum(topic)), 8, HEX_LOWER);
     }
 
     /// Parses a handle received for `topic`; `field` names it in the error.

@@ -16,7 +16,8 @@ use ferrumq_protocol::admin::{
     ResendDeadLettersResponse, ResetOffsetRequest, ResetOffsetResponse, StartPosition as WireStart,
     StoredMessage, Topic, group_delivery, query_message_request, reset_offset_request,
 };
-use ferrumq_protocol::v2::{Code, MessageType};
+use ferrumq_protocol::v2::{self, Code, MessageType};
+use ferrumq_storage::StoredRecord;
 use tonic::{Request, Response};
 
 use crate::admin::ResetTo;
@@ -41,6 +42,13 @@ impl AdminApi {
             return Ok(());
         }
         self.broker.readable_topic(topic).map(drop).map_err(to_grpc)
+    }
+
+    /// A stored record as the message a query shows.
+    fn shown(&self, record: &StoredRecord) -> Result<Option<v2::Message>, tonic::Status> {
+        message::to_wire(record, None, &self.broker.endpoint, BodyDigest::Md5)
+            .map(Some)
+            .map_err(to_grpc)
     }
 }
 
@@ -307,13 +315,8 @@ impl AdminService for AdminApi {
             .take(max)
             .map(|r| {
                 let view = r.view();
-                StoredMessage {
-                    message: Some(message::to_wire(
-                        r,
-                        None,
-                        &self.broker.endpoint,
-                        BodyDigest::Md5,
-                    )),
+                Ok(StoredMessage {
+                    message: self.shown(r)?,
                     commit_log_position: r.pos().0,
                     queue_id: view.queue_id,
                     queue_offset: view.queue_offset.0,
@@ -333,9 +336,9 @@ impl AdminService for AdminApi {
                             visible_at_ms: d.lease.as_ref().map_or(0, |l| l.visible_at_ms),
                         })
                         .collect(),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_, tonic::Status>>()?;
         Ok(Response::new(QueryMessageResponse { messages }))
     }
 
@@ -355,18 +358,15 @@ impl AdminService for AdminApi {
             .transactions
             .discarded(&request.topic, max)
             .into_iter()
-            .map(|d| DiscardedTransaction {
-                message: Some(message::to_wire(
-                    &d.record,
-                    None,
-                    &self.broker.endpoint,
-                    BodyDigest::Md5,
-                )),
-                transaction_id: d.transaction_id,
-                checks: d.checks,
-                discarded_ms: d.record.view().store_timestamp_ms,
+            .map(|d| {
+                Ok(DiscardedTransaction {
+                    message: self.shown(&d.record)?,
+                    transaction_id: d.transaction_id,
+                    checks: d.checks,
+                    discarded_ms: d.record.view().store_timestamp_ms,
+                })
             })
-            .collect();
+            .collect::<Result<_, tonic::Status>>()?;
         Ok(Response::new(ListDiscardedTransactionsResponse {
             transactions,
         }))
@@ -497,13 +497,8 @@ impl AdminService for AdminApi {
             .iter()
             .map(|letter| {
                 let view = letter.record.view();
-                DeadLetter {
-                    message: Some(message::to_wire(
-                        &letter.record,
-                        None,
-                        &self.broker.endpoint,
-                        BodyDigest::Md5,
-                    )),
+                Ok(DeadLetter {
+                    message: self.shown(&letter.record)?,
                     origin_topic: view
                         .properties
                         .get(property::DLQ_ORIGIN_TOPIC)
@@ -511,9 +506,9 @@ impl AdminService for AdminApi {
                         .to_owned(),
                     dlq_offset: letter.dlq_offset,
                     dead_lettered_ms: view.store_timestamp_ms,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_, tonic::Status>>()?;
         Ok(Response::new(ListDeadLettersResponse {
             dead_letters,
             pending,

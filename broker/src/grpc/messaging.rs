@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ferrumq_nameserver::session;
+use ferrumq_protocol::frame::{Frame, PullFrame, ReceiveFrame};
 use ferrumq_protocol::v2::messaging_service_server::MessagingService;
 use ferrumq_protocol::v2::{
     AckMessageRequest, AckMessageResponse, AckMessageResultEntry, ChangeInvisibleDurationRequest,
@@ -149,7 +150,7 @@ impl MessagingService for MessagingApi {
     async fn receive_message(
         &self,
         request: Request<ReceiveMessageRequest>,
-    ) -> Reply<BoxStream<ReceiveMessageResponse>> {
+    ) -> Reply<BoxStream<ReceiveFrame>> {
         use receive_message_response::Content;
         let deadline = super::deadline(request.metadata());
         let result = match client_id(&request) {
@@ -177,27 +178,27 @@ impl MessagingService for MessagingApi {
             }
         };
         // The clients expect: a status, the messages, then a delivery timestamp.
+        let reply = |content| {
+            ReceiveFrame::response(ReceiveMessageResponse {
+                content: Some(content),
+            })
+        };
         let mut frames = Vec::new();
         match result {
             Ok(messages) if messages.is_empty() => {
-                frames.push(Content::Status(Status::new(
+                frames.push(reply(Content::Status(Status::new(
                     Code::MessageNotFound,
                     "no new message",
-                )));
+                ))));
             }
             Ok(messages) => {
-                frames.push(Content::Status(Status::ok()));
-                frames.extend(messages.into_iter().map(Content::Message));
+                frames.push(reply(Content::Status(Status::ok())));
+                frames.extend(messages.into_iter().map(Frame::Message));
             }
-            Err(e) => frames.push(Content::Status(e.status())),
+            Err(e) => frames.push(reply(Content::Status(e.status()))),
         }
-        frames.push(Content::DeliveryTimestamp(timestamp(now_ms())));
-        Ok(Response::new(stream_of(
-            frames
-                .into_iter()
-                .map(|c| ReceiveMessageResponse { content: Some(c) })
-                .collect(),
-        )))
+        frames.push(reply(Content::DeliveryTimestamp(timestamp(now_ms()))));
+        Ok(Response::new(stream_of(frames)))
     }
 
     async fn ack_message(&self, request: Request<AckMessageRequest>) -> Reply<AckMessageResponse> {
@@ -288,7 +289,7 @@ impl MessagingService for MessagingApi {
     async fn pull_message(
         &self,
         request: Request<PullMessageRequest>,
-    ) -> Reply<BoxStream<PullMessageResponse>> {
+    ) -> Reply<BoxStream<PullFrame>> {
         use pull_message_response::Content;
         let result = match client_id(&request) {
             Err(e) => Err(e),
@@ -314,25 +315,25 @@ impl MessagingService for MessagingApi {
                     .await
             }
         };
+        let reply = |content| {
+            PullFrame::response(PullMessageResponse {
+                content: Some(content),
+            })
+        };
         let mut frames = Vec::new();
         match result {
             Ok((messages, next)) => {
-                frames.push(Content::Status(if messages.is_empty() {
+                frames.push(reply(Content::Status(if messages.is_empty() {
                     Status::new(Code::MessageNotFound, "no new message")
                 } else {
                     Status::ok()
-                }));
-                frames.extend(messages.into_iter().map(Content::Message));
-                frames.push(Content::NextOffset(next));
+                })));
+                frames.extend(messages.into_iter().map(Frame::Message));
+                frames.push(reply(Content::NextOffset(next)));
             }
-            Err(e) => frames.push(Content::Status(e.status())),
+            Err(e) => frames.push(reply(Content::Status(e.status()))),
         }
-        Ok(Response::new(stream_of(
-            frames
-                .into_iter()
-                .map(|c| PullMessageResponse { content: Some(c) })
-                .collect(),
-        )))
+        Ok(Response::new(stream_of(frames)))
     }
 
     async fn update_offset(
