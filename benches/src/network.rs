@@ -3,7 +3,8 @@
 //! - `produce`: C requests in flight, each of B messages, until N messages are stored.
 //!   `--client official` drives the official `rocketmq = 5.0.0` client instead (one message
 //!   per send, as that client always does).
-//! - `consume`: C receivers drain a backlog: receive up to B, ack them in one request.
+//! - `consume`: C receivers drain a backlog: receive up to B, ack them in one request. The
+//!   time runs until the last message is consumed.
 //! - `e2e`: a producer at a fixed rate and long-polling receivers; the latency is from the
 //!   send call to the receive that returned the message.
 
