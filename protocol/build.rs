@@ -1,10 +1,13 @@
 //! Compiles the `.proto` files with `protox` (a protobuf compiler written in Rust), so no
 //! system `protoc` is needed.
 //!
-//! Two passes. The first generates the messages and the clients. The second generates only
+//! Three passes. The first generates the messages and the clients. The second generates only
 //! the servers, into `server/`, with every message taken from the first pass except the two
 //! streamed replies that carry stored messages: their servers send the `Frame`s of
-//! `src/frame.rs`, which can hold a message the broker has already encoded.
+//! `src/frame.rs`, which can hold a message the broker has already encoded. The third
+//! generates, into `consumer/`, a second MessagingService client for the native client,
+//! which reads the replies of receives, pulls and acks as the lean types of
+//! `src/consumed.rs`.
 
 use std::path::PathBuf;
 
@@ -49,7 +52,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".apache.rocketmq.v2.PullMessageResponse",
             "crate::frame::PullFrame",
         )
-        .compile_fds(services_only)?;
+        .compile_fds(services_only.clone())?;
+
+    // The native client's MessagingService client, reading consumers' replies lean.
+    let mut messaging = services_only;
+    messaging
+        .file
+        .retain(|file| file.package() == "apache.rocketmq.v2");
+    let consumer_dir = PathBuf::from(std::env::var("OUT_DIR")?).join("consumer");
+    std::fs::create_dir_all(&consumer_dir)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .codec_path("crate::codec::GrpcCodec")
+        .out_dir(consumer_dir)
+        .extern_path(".apache.rocketmq.v2", "crate::v2")
+        .extern_path(
+            ".apache.rocketmq.v2.ReceiveMessageResponse",
+            "crate::consumed::ReceiveReply",
+        )
+        .extern_path(
+            ".apache.rocketmq.v2.PullMessageResponse",
+            "crate::consumed::PullReply",
+        )
+        .extern_path(
+            ".apache.rocketmq.v2.AckMessageResponse",
+            "crate::consumed::AckReply",
+        )
+        .compile_fds(messaging)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ferrumq_protocol::v2::pull_message_response::Content;
+use ferrumq_protocol::consumed::Consumed;
 use ferrumq_protocol::v2::{
     Code, MessageQueue, PullMessageRequest, QueryOffsetPolicy, QueryOffsetRequest,
 };
@@ -400,12 +400,12 @@ impl Inner {
             let (mut messages, mut next) = (Vec::new(), offset);
             while let Some(frame) = stream.message().await.map_err(rpc_error)? {
                 match frame.content {
-                    Some(Content::Status(s)) if s.code == Code::MessageNotFound as i32 => {}
-                    Some(Content::Status(s)) => Error::check(endpoint, Some(&s))?,
-                    Some(Content::Message(m)) => {
+                    Some(Consumed::Status(s)) if s.code == Code::MessageNotFound as i32 => {}
+                    Some(Consumed::Status(s)) => Error::check(endpoint, Some(&s))?,
+                    Some(Consumed::Message(m)) => {
                         messages.push(ReceivedMessage::from_wire(endpoint, m));
                     }
-                    Some(Content::NextOffset(n)) => next = n,
+                    Some(Consumed::NextOffset(n)) => next = n,
                     None => {}
                 }
             }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ferrumq_protocol::v2::receive_message_response::Content;
+use ferrumq_protocol::consumed::Consumed;
 use ferrumq_protocol::v2::{
     self, AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, ClientType, Code,
     FilterExpression, FilterType, MessageQueue, NotifyClientTerminationRequest,
@@ -190,13 +190,13 @@ impl Consumer {
             let mut messages = Vec::new();
             while let Some(frame) = stream.message().await.map_err(rpc_error)? {
                 match frame.content {
-                    Some(Content::Status(status))
+                    Some(Consumed::Status(status))
                         if status.code == Code::MessageNotFound as i32 => {}
-                    Some(Content::Status(status)) => Error::check(endpoint, Some(&status))?,
-                    Some(Content::Message(message)) => {
+                    Some(Consumed::Status(status)) => Error::check(endpoint, Some(&status))?,
+                    Some(Consumed::Message(message)) => {
                         messages.push(ReceivedMessage::from_wire(endpoint, message));
                     }
-                    Some(Content::DeliveryTimestamp(_)) | None => {}
+                    Some(Consumed::NextOffset(_)) | None => {}
                 }
             }
             Ok(messages)

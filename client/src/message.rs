@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use ferrumq_protocol::consumed::ConsumedMessage;
 use ferrumq_protocol::v2::{self, Encoding, MessageType, SystemProperties};
 
 use crate::error::{Error, Result};
@@ -249,7 +250,7 @@ pub struct ReceivedMessage {
 }
 
 impl ReceivedMessage {
-    pub(crate) fn from_wire(endpoint: &str, message: v2::Message) -> ReceivedMessage {
+    pub(crate) fn from_wire(endpoint: &str, message: ConsumedMessage) -> ReceivedMessage {
         let system = message.system_properties.unwrap_or_default();
         let ms = |t: Option<prost_types::Timestamp>| {
             t.map(|t| {

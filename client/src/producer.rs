@@ -620,7 +620,7 @@ fn check_back_handler(transport: Arc<Transport>, checker: Checker) -> CommandHan
         let Some(message) = check.message else {
             return;
         };
-        let message = ReceivedMessage::from_wire(endpoint, message);
+        let message = ReceivedMessage::from_wire(endpoint, message.into());
         let (transport, checker, endpoint) =
             (transport.clone(), checker.clone(), endpoint.to_owned());
         tokio::spawn(async move {

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use ferrumq_protocol::consumed::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2;
-use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2::{
     Address, AddressScheme, Endpoints, MessageQueue, Permission, QueryRouteRequest, Resource,
 };
@@ -44,7 +44,7 @@ macro_rules! replies {
 replies!(
     v2::QueryRouteResponse,
     v2::SendMessageResponse,
-    v2::AckMessageResponse,
+    ferrumq_protocol::consumed::AckReply,
     v2::ChangeInvisibleDurationResponse,
     v2::EndTransactionResponse,
     v2::RecallMessageResponse,

@@ -326,7 +326,7 @@ fn nested(out: &mut BytesMut, field: u32, write: impl FnOnce(&mut BytesMut)) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use super::*;
@@ -343,7 +343,7 @@ mod tests {
     }
 
     /// Every field set, the long user property needing a three-byte length.
-    fn typed(long_value: &str) -> v2::Message {
+    pub(crate) fn typed(long_value: &str) -> v2::Message {
         v2::Message {
             topic: Some(Resource {
                 resource_namespace: String::new(),

@@ -6,6 +6,7 @@
 //! - [`cluster`]: `ferrumq.cluster.v1`, broker registration with the nameservers.
 //! - [`message_id`]: new message ids in the official clients' format.
 //! - [`frame`]: replies that stream messages the broker encoded itself.
+//! - [`consumed`]: replies as the native client reads them, without the fields it ignores.
 
 #![allow(
     unreachable_pub,
@@ -43,6 +44,7 @@ pub mod ferrumq {
 }
 
 pub mod codec;
+pub mod consumed;
 pub mod frame;
 pub mod message_id;
 
