@@ -3,8 +3,9 @@
 //!
 //! Three passes. The first generates the messages and the clients. The second generates only
 //! the servers, into `server/`, with every message taken from the first pass except the two
-//! streamed replies that carry stored messages: their servers send the `Frame`s of
-//! `src/frame.rs`, which can hold a message the broker has already encoded. The third
+//! streamed replies that carry stored messages, whose servers send the `Frame`s of
+//! `src/frame.rs` (which can hold a message the broker has already encoded), and AckMessage's
+//! request and reply, read and written as the lean types of `src/ack.rs`. The third
 //! generates, into `consumer/`, a second MessagingService client for the native client,
 //! which reads the replies of receives, pulls and acks as the lean types of
 //! `src/consumed.rs`.
@@ -51,6 +52,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(
             ".apache.rocketmq.v2.PullMessageResponse",
             "crate::frame::PullFrame",
+        )
+        .extern_path(
+            ".apache.rocketmq.v2.AckMessageRequest",
+            "crate::ack::AckRequest",
+        )
+        .extern_path(
+            ".apache.rocketmq.v2.AckMessageResponse",
+            "crate::ack::AckResponse",
         )
         .compile_fds(services_only.clone())?;
 

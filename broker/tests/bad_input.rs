@@ -391,6 +391,55 @@ async fn bad_receipt_handles_and_invisible_durations_are_refused() {
         assert_eq!(response.entries.len(), 1);
         assert_eq!(log.written_pos(), before);
     }
+    // Strings that are not UTF-8, which the typed client cannot send: written by hand.
+    for (message_id, handle, code, field) in [
+        (
+            &b"m"[..],
+            &b"f1.\xff"[..],
+            Code::InvalidReceiptHandle,
+            "entries[0].receipt_handle",
+        ),
+        (
+            b"\xc3",
+            b"f1.0.0.1.00000000",
+            Code::BadRequest,
+            "entries[0].message_id",
+        ),
+    ] {
+        let before = log.written_pos();
+        let request = ferrumq_protocol::ack::AckRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            entries: vec![ferrumq_protocol::ack::AckRequestEntry {
+                message_id: message_id.to_vec().into(),
+                receipt_handle: handle.to_vec().into(),
+            }],
+        };
+        let channel = Channel::from_shared(format!("http://{}", broker.addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let response: ferrumq_protocol::ack::AckResponse = grpc
+            .unary(
+                client_call(request),
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/apache.rocketmq.v2.MessagingService/AckMessage",
+                ),
+                ferrumq_protocol::codec::GrpcCodec::default(),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        let status = response.status.unwrap();
+        assert_eq!(status.code, code as i32, "{}", status.message);
+        assert!(status.message.contains(field), "{}", status.message);
+        assert_eq!(response.entries.len(), 1);
+        assert_eq!(response.entries[0].receipt_handle, handle);
+        assert_eq!(log.written_pos(), before);
+    }
     let response = client
         .change_invisible_duration(client_call(ChangeInvisibleDurationRequest {
             group: resource("g"),

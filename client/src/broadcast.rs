@@ -398,12 +398,13 @@ impl Inner {
                 .map_err(rpc_error)?
                 .into_inner();
             let (mut messages, mut next) = (Vec::new(), offset);
+            let from: Arc<str> = Arc::from(endpoint);
             while let Some(frame) = stream.message().await.map_err(rpc_error)? {
                 match frame.content {
                     Some(Consumed::Status(s)) if s.code == Code::MessageNotFound as i32 => {}
                     Some(Consumed::Status(s)) => Error::check(endpoint, Some(&s))?,
                     Some(Consumed::Message(m)) => {
-                        messages.push(ReceivedMessage::from_wire(endpoint, m));
+                        messages.push(ReceivedMessage::from_wire(&from, m));
                     }
                     Some(Consumed::NextOffset(n)) => next = n,
                     None => {}

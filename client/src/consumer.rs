@@ -5,15 +5,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ferrumq_protocol::consumed::Consumed;
+use ferrumq_protocol::consumed::{AckReply, Consumed};
 use ferrumq_protocol::v2::{
-    self, AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, ClientType, Code,
-    FilterExpression, FilterType, MessageQueue, NotifyClientTerminationRequest,
-    ReceiveMessageRequest, Settings, Subscription, SubscriptionEntry, settings,
+    self, ChangeInvisibleDurationRequest, ClientType, Code, FilterExpression, FilterType,
+    MessageQueue, NotifyClientTerminationRequest, ReceiveMessageRequest, Settings, Subscription,
+    SubscriptionEntry, settings,
 };
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
+use crate::framed::{self, EncodedRequest};
 use crate::message::ReceivedMessage;
 use crate::telemetry::{Telemetry, prost_duration};
 use crate::transport::{Transport, endpoints, resource, within};
@@ -188,13 +189,14 @@ impl Consumer {
                 .map_err(rpc_error)?
                 .into_inner();
             let mut messages = Vec::new();
+            let from: Arc<str> = Arc::from(endpoint);
             while let Some(frame) = stream.message().await.map_err(rpc_error)? {
                 match frame.content {
                     Some(Consumed::Status(status))
                         if status.code == Code::MessageNotFound as i32 => {}
                     Some(Consumed::Status(status)) => Error::check(endpoint, Some(&status))?,
                     Some(Consumed::Message(message)) => {
-                        messages.push(ReceivedMessage::from_wire(endpoint, message));
+                        messages.push(ReceivedMessage::from_wire(&from, message));
                     }
                     Some(Consumed::NextOffset(_)) | None => {}
                 }
@@ -210,29 +212,22 @@ impl Consumer {
 
     /// Acks many messages, one request per broker and topic.
     pub(crate) async fn ack_all(&self, messages: &[ReceivedMessage]) -> Result<()> {
-        let mut requests: Vec<(&str, &str, Vec<AckMessageEntry>)> = Vec::new();
+        type Entries<'a> = Vec<(&'a str, &'a str)>;
+        let mut requests: Vec<(&str, &str, Entries<'_>)> = Vec::new();
         for message in messages {
-            let entry = AckMessageEntry {
-                message_id: message.message_id.clone(),
-                receipt_handle: message.handle()?.to_owned(),
-            };
-            let key = (message.endpoint.as_str(), message.topic.as_str());
+            let entry = (message.message_id.as_str(), message.handle()?);
+            let key = (&*message.endpoint, message.topic.as_str());
             match requests.iter_mut().find(|(e, t, _)| (*e, *t) == key) {
                 Some((_, _, entries)) => entries.push(entry),
                 None => requests.push((key.0, key.1, vec![entry])),
             }
         }
         for (endpoint, topic, entries) in requests {
-            let request = AckMessageRequest {
-                group: resource(&self.group),
-                topic: resource(topic),
-                entries,
-            };
-            let reply = self
+            let request =
+                EncodedRequest::ack(&self.group, topic, &entries, &self.transport.buffers);
+            let reply: AckReply = self
                 .transport
-                .unary(endpoint, request, |mut rpc, r| async move {
-                    rpc.ack_message(r).await
-                })
+                .call_encoded(endpoint, framed::ACK_MESSAGE, request)
                 .await?;
             for entry in &reply.entries {
                 Error::check(endpoint, entry.status.as_ref())?;
@@ -260,7 +255,7 @@ impl Consumer {
                 rpc.change_invisible_duration(r).await
             })
             .await?;
-        message.receipt_handle = Some(reply.receipt_handle);
+        message.receipt_handle = Some(reply.receipt_handle.into());
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! Messages as the application sees them: what it sends, what a send returns, what it receives.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -244,13 +245,14 @@ pub struct ReceivedMessage {
     pub delivery_time: Option<SystemTime>,
     pub queue_id: i32,
     pub queue_offset: Option<i64>,
-    /// The broker it came from; acks go back there.
-    pub endpoint: String,
-    pub(crate) receipt_handle: Option<String>,
+    /// The broker it came from; acks go back there. Shared by the messages of a receive.
+    pub endpoint: Arc<str>,
+    /// As the broker sent it; checked for UTF-8 when used.
+    pub(crate) receipt_handle: Option<Bytes>,
 }
 
 impl ReceivedMessage {
-    pub(crate) fn from_wire(endpoint: &str, message: ConsumedMessage) -> ReceivedMessage {
+    pub(crate) fn from_wire(endpoint: &Arc<str>, message: ConsumedMessage) -> ReceivedMessage {
         let system = message.system_properties.unwrap_or_default();
         let ms = |t: Option<prost_types::Timestamp>| {
             t.map(|t| {
@@ -275,20 +277,26 @@ impl ReceivedMessage {
             delivery_time: ms(system.delivery_timestamp).map(time_from_ms),
             queue_id: system.queue_id,
             queue_offset: system.queue_offset,
-            endpoint: endpoint.to_owned(),
+            endpoint: endpoint.clone(),
             receipt_handle: system.receipt_handle,
         }
     }
 
     /// The lease's receipt handle (it changes when the lease is changed).
     pub fn receipt_handle(&self) -> Option<&str> {
-        self.receipt_handle.as_deref()
+        std::str::from_utf8(self.receipt_handle.as_deref()?).ok()
     }
 
     pub(crate) fn handle(&self) -> Result<&str> {
-        self.receipt_handle.as_deref().ok_or_else(|| {
+        let handle = self.receipt_handle.as_deref().ok_or_else(|| {
             Error::InvalidMessage(format!(
                 "message {} has no receipt handle: only messages from receive can be acked",
+                self.message_id
+            ))
+        })?;
+        std::str::from_utf8(handle).map_err(|_| {
+            Error::InvalidMessage(format!(
+                "message {}'s receipt handle is not UTF-8: the broker sent a corrupt reply",
                 self.message_id
             ))
         })

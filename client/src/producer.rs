@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
-use crate::framed::EncodedSend;
+use crate::framed::{self, EncodedRequest};
 use crate::message::{Message, ReceivedMessage, SendReceipt};
 use crate::telemetry::{CommandHandler, Telemetry};
 use crate::transport::{Transport, resource};
@@ -467,7 +467,7 @@ impl Inner {
         messages: &[v2::Message],
         sticky: Option<u32>,
     ) -> Result<(String, Vec<SendResultEntry>)> {
-        let encoded = EncodedSend::new(messages, &self.transport.buffers);
+        let encoded = EncodedRequest::send(messages, &self.transport.buffers);
         let mut last = None;
         for attempt in 0..self.options.max_attempts {
             // A broker that is gone is left at once for another; anything else waits a bit.
@@ -495,7 +495,15 @@ impl Inner {
                 });
             };
             self.telemetry.open(&endpoint);
-            match self.transport.send(&endpoint, encoded.clone()).await {
+            match self
+                .transport
+                .call_encoded::<v2::SendMessageResponse>(
+                    &endpoint,
+                    framed::SEND_MESSAGE,
+                    encoded.clone(),
+                )
+                .await
+            {
                 Ok(reply) => return Ok((endpoint, reply.entries)),
                 Err(e) if e.is_retryable() => {
                     tracing::debug!(%e, attempt, "send failed; trying again");
@@ -620,7 +628,7 @@ fn check_back_handler(transport: Arc<Transport>, checker: Checker) -> CommandHan
         let Some(message) = check.message else {
             return;
         };
-        let message = ReceivedMessage::from_wire(endpoint, message.into());
+        let message = ReceivedMessage::from_wire(&Arc::from(endpoint), message.into());
         let (transport, checker, endpoint) =
             (transport.clone(), checker.clone(), endpoint.to_owned());
         tokio::spawn(async move {

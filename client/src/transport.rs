@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
-use crate::framed::{BufferPool, EncodedSend};
+use crate::framed::{BufferPool, EncodedRequest};
 
 pub(crate) type Rpc = MessagingServiceClient<Channel>;
 
@@ -162,13 +162,18 @@ impl Transport {
             .max_encoding_message_size(usize::MAX))
     }
 
-    /// Sends an encoded `SendMessageRequest`, like `unary` does any other request, handing
-    /// its frame to the connection as it is (see [`framed`](crate::framed)).
-    pub(crate) async fn send(
+    /// Calls `method` of the messaging service with an encoded request, like `unary` does
+    /// any other request, handing its frame to the connection as it is (see
+    /// [`framed`](crate::framed)).
+    pub(crate) async fn call_encoded<R>(
         &self,
         endpoint: &str,
-        encoded: EncodedSend,
-    ) -> Result<v2::SendMessageResponse> {
+        method: &'static str,
+        encoded: EncodedRequest,
+    ) -> Result<R>
+    where
+        R: Reply + prost::Message + Default + Send + 'static,
+    {
         let timeout = self.timeout();
         let mut channel = self.channel(endpoint)?;
         let reply = within(endpoint, timeout, async {
@@ -181,8 +186,7 @@ impl Transport {
             let (metadata, _, ()) = self.request((), Some(timeout)).into_parts();
             let mut request = http::Request::new(encoded.into_body());
             *request.method_mut() = http::Method::POST;
-            *request.uri_mut() =
-                http::Uri::from_static("/apache.rocketmq.v2.MessagingService/SendMessage");
+            *request.uri_mut() = http::Uri::from_static(method);
             *request.version_mut() = http::Version::HTTP_2;
             *request.headers_mut() = metadata.into_headers();
             let headers = request.headers_mut();
@@ -194,7 +198,7 @@ impl Transport {
             let response = GrpcService::call(&mut channel, request)
                 .await
                 .map_err(unreachable)?;
-            crate::framed::unary_reply::<v2::SendMessageResponse>(response)
+            crate::framed::unary_reply::<R>(response)
                 .await
                 .map_err(rpc_error)
         })

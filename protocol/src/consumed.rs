@@ -67,8 +67,9 @@ pub struct ConsumedProperties {
     pub born_timestamp: Option<prost_types::Timestamp>,
     #[prost(message, optional, tag = "11")]
     pub delivery_timestamp: Option<prost_types::Timestamp>,
-    #[prost(string, optional, tag = "12")]
-    pub receipt_handle: Option<String>,
+    /// Left in the reply's buffer: the client only sends it back.
+    #[prost(bytes = "bytes", optional, tag = "12")]
+    pub receipt_handle: Option<Bytes>,
     #[prost(int32, tag = "13")]
     pub queue_id: i32,
     #[prost(int64, optional, tag = "14")]
@@ -108,7 +109,7 @@ impl From<v2::Message> for ConsumedMessage {
                 message_id: system.message_id,
                 born_timestamp: system.born_timestamp,
                 delivery_timestamp: system.delivery_timestamp,
-                receipt_handle: system.receipt_handle,
+                receipt_handle: system.receipt_handle.map(Bytes::from),
                 queue_id: system.queue_id,
                 queue_offset: system.queue_offset,
                 delivery_attempt: system.delivery_attempt,
@@ -137,7 +138,10 @@ mod tests {
         assert_eq!(read.content, Some(Consumed::Message(expected.clone())));
         let system = expected.system_properties.unwrap();
         let full_system = full.system_properties.clone().unwrap();
-        assert_eq!(system.receipt_handle, full_system.receipt_handle);
+        assert_eq!(
+            system.receipt_handle,
+            full_system.receipt_handle.map(Bytes::from)
+        );
         assert_eq!(system.keys, full_system.keys);
         assert_eq!(system.born_timestamp, full_system.born_timestamp);
         assert_eq!(expected.user_properties, full.user_properties);

@@ -6,6 +6,7 @@
 //! - [`cluster`]: `ferrumq.cluster.v1`, broker registration with the nameservers.
 //! - [`message_id`]: new message ids in the official clients' format.
 //! - [`frame`]: replies that stream messages the broker encoded itself.
+//! - [`ack`]: AckMessage as the broker reads and answers it, its strings left in place.
 //! - [`consumed`]: replies as the native client reads them, without the fields it ignores.
 
 #![allow(
@@ -43,6 +44,7 @@ pub mod ferrumq {
     }
 }
 
+pub mod ack;
 pub mod codec;
 pub mod consumed;
 pub mod frame;

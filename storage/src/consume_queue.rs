@@ -239,7 +239,7 @@ impl ConsumeQueue {
                 self.flushed.store(offset.0, Ordering::Release);
             }
         }
-        let (file, slot) = self.locate(offset).ok_or(Error::Corrupt {
+        let (file, slot) = self.locate(offset).ok_or_else(|| Error::Corrupt {
             path: self.dir.clone(),
             offset: offset.0,
             reason: "no consume-queue file for the offset",

@@ -487,6 +487,8 @@ impl Inner {
     fn dispatch(&self, cursor: &mut DispatchCursor, end: LogPos) -> Result<u64> {
         let mut count = 0;
         let mut index_keys: Vec<u64> = Vec::new();
+        // Records of one batch mostly share a queue: look it up again only when it changes.
+        let mut queue: Option<Arc<ConsumeQueue>> = None;
         let mut records = self.log.records(cursor.pos, end);
         for item in records.by_ref() {
             let (pos, record) = item?;
@@ -497,9 +499,13 @@ impl Inner {
                 tag_hash: view.properties.get(keys::TAG).map_or(0, tag_hash),
                 store_timestamp_ms: view.store_timestamp_ms,
             };
-            self.queues
-                .get_or_create(view.topic, view.queue_id)
-                .put(view.queue_offset, &entry)?;
+            let queue = match queue.take() {
+                Some(q) if q.queue_id() == view.queue_id && q.topic() == view.topic => {
+                    queue.insert(q)
+                }
+                _ => queue.insert(self.queues.get_or_create(view.topic, view.queue_id)),
+            };
+            queue.put(view.queue_offset, &entry)?;
             index_keys.clear();
             for (key, value) in view.properties.iter() {
                 match key {

@@ -338,12 +338,18 @@ impl ConsumerGroups {
         topic: &TopicConfig,
         handles: &[&str],
     ) -> (Vec<ApiResult<()>>, Option<LogPos>) {
+        // Parsed before the lock: other consumers of the group need not wait for it.
+        let parsed: Vec<ApiResult<ReceiptHandle>> = handles
+            .iter()
+            .enumerate()
+            .map(|(index, text)| ReceiptHandle::decode(text, &topic.name, &EntryField(index)))
+            .collect();
         let mut state = self.lock();
         let mut outcomes = Vec::with_capacity(handles.len());
         let mut finished = Vec::new();
-        for (index, text) in handles.iter().enumerate() {
+        for (index, parsed) in parsed.into_iter().enumerate() {
             let field = EntryField(index);
-            let outcome = ReceiptHandle::decode(text, &topic.name, &field).and_then(|handle| {
+            let outcome = parsed.and_then(|handle| {
                 match check_lease(&state, group, topic, &handle, &field)? {
                     LeaseCheck::AlreadyDone => Ok(None),
                     LeaseCheck::Current => Ok(Some((handle.queue_id, handle.offset))),

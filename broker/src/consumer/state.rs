@@ -79,9 +79,14 @@ impl QueueState {
             return;
         }
         self.leases.remove(&offset);
-        self.done.insert(offset);
-        while self.done.remove(&self.floor) {
+        if offset == self.floor {
+            // In order, as most acks are: the floor moves without the set.
             self.floor += 1;
+            while self.done.remove(&self.floor) {
+                self.floor += 1;
+            }
+        } else {
+            self.done.insert(offset);
         }
         self.scanned = self.scanned.max(self.floor);
     }
@@ -429,6 +434,24 @@ mod tests {
         state.apply(&done(&[10]));
         let q = state.queue("g", "t", 0).unwrap();
         assert_eq!((q.floor, q.done.len(), q.leases.len()), (13, 0, 0));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn acks_in_any_order_leave_the_floor_at_the_first_unacked_offset(
+            acks in proptest::collection::vec(0u64..40, 0..60)
+        ) {
+            let mut queue = QueueState::starting_at(0);
+            let mut acked = BTreeSet::new();
+            for offset in acks {
+                queue.mark_done(offset);
+                acked.insert(offset);
+                let floor = (0..).find(|o| !acked.contains(o)).unwrap();
+                proptest::prop_assert_eq!(queue.floor, floor);
+                let above: BTreeSet<u64> = acked.range(floor..).copied().collect();
+                proptest::prop_assert_eq!(&queue.done, &above);
+            }
+        }
     }
 
     #[test]

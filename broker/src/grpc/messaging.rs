@@ -5,20 +5,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ferrumq_nameserver::session;
+use ferrumq_protocol::ack::{AckRequest, AckResponse, AckResponseEntry, EntryStatus};
 use ferrumq_protocol::frame::{Frame, PullFrame, ReceiveFrame};
 use ferrumq_protocol::v2::messaging_service_server::MessagingService;
 use ferrumq_protocol::v2::{
-    AckMessageRequest, AckMessageResponse, AckMessageResultEntry, ChangeInvisibleDurationRequest,
-    ChangeInvisibleDurationResponse, Code, EndTransactionRequest, EndTransactionResponse,
-    FilterType, ForwardMessageToDeadLetterQueueRequest, ForwardMessageToDeadLetterQueueResponse,
-    GetOffsetRequest, GetOffsetResponse, HeartbeatRequest, HeartbeatResponse,
-    NotifyClientTerminationRequest, NotifyClientTerminationResponse, PullMessageRequest,
-    PullMessageResponse, QueryAssignmentRequest, QueryAssignmentResponse, QueryOffsetPolicy,
-    QueryOffsetRequest, QueryOffsetResponse, QueryRouteRequest, QueryRouteResponse,
-    RecallMessageRequest, RecallMessageResponse, ReceiveMessageRequest, ReceiveMessageResponse,
-    Resource, SendMessageRequest, SendMessageResponse, Status, TelemetryCommand,
-    TransactionResolution, UpdateOffsetRequest, UpdateOffsetResponse, pull_message_response,
-    receive_message_response, settings,
+    ChangeInvisibleDurationRequest, ChangeInvisibleDurationResponse, Code, EndTransactionRequest,
+    EndTransactionResponse, FilterType, ForwardMessageToDeadLetterQueueRequest,
+    ForwardMessageToDeadLetterQueueResponse, GetOffsetRequest, GetOffsetResponse, HeartbeatRequest,
+    HeartbeatResponse, NotifyClientTerminationRequest, NotifyClientTerminationResponse,
+    PullMessageRequest, PullMessageResponse, QueryAssignmentRequest, QueryAssignmentResponse,
+    QueryOffsetPolicy, QueryOffsetRequest, QueryOffsetResponse, QueryRouteRequest,
+    QueryRouteResponse, RecallMessageRequest, RecallMessageResponse, ReceiveMessageRequest,
+    ReceiveMessageResponse, Resource, SendMessageRequest, SendMessageResponse, Status,
+    TelemetryCommand, TransactionResolution, UpdateOffsetRequest, UpdateOffsetResponse,
+    pull_message_response, receive_message_response, settings,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response};
@@ -201,7 +201,7 @@ impl MessagingService for MessagingApi {
         Ok(Response::new(stream_of(frames)))
     }
 
-    async fn ack_message(&self, request: Request<AckMessageRequest>) -> Reply<AckMessageResponse> {
+    async fn ack_message(&self, request: Request<AckRequest>) -> Reply<AckResponse> {
         let result = match client_id(&request) {
             Err(e) => Err(e),
             Ok(_) => {
@@ -209,14 +209,17 @@ impl MessagingService for MessagingApi {
                 if r.entries.is_empty() {
                     Err(ApiError::bad_request("entries is empty"))
                 } else {
-                    let handles: Vec<&str> = r
-                        .entries
-                        .iter()
-                        .map(|e| e.receipt_handle.as_str())
-                        .collect();
-                    self.broker
-                        .ack(name(r.group.as_ref()), name(r.topic.as_ref()), &handles)
-                        .await
+                    match r.handles() {
+                        Ok(handles) => {
+                            self.broker
+                                .ack(name(r.group.as_ref()), name(r.topic.as_ref()), &handles)
+                                .await
+                        }
+                        Err(e) if e.field == "receipt_handle" => {
+                            Err(ApiError::new(Code::InvalidReceiptHandle, e.to_string()))
+                        }
+                        Err(e) => Err(ApiError::bad_request(e.to_string())),
+                    }
                 }
             }
         };
@@ -237,10 +240,12 @@ impl MessagingService for MessagingApi {
                 let entries = requested
                     .into_iter()
                     .zip(&outcomes)
-                    .map(|(e, outcome)| AckMessageResultEntry {
-                        message_id: e.message_id,
-                        receipt_handle: e.receipt_handle,
-                        status: Some(status_of(outcome)),
+                    .map(|(entry, outcome)| {
+                        let status = match outcome {
+                            Ok(()) => EntryStatus::ok(),
+                            Err(e) => e.status().into(),
+                        };
+                        AckResponseEntry::echo(entry, status)
                     })
                     .collect();
                 (status, entries)
@@ -250,15 +255,11 @@ impl MessagingService for MessagingApi {
                 e.status(),
                 requested
                     .into_iter()
-                    .map(|entry| AckMessageResultEntry {
-                        message_id: entry.message_id,
-                        receipt_handle: entry.receipt_handle,
-                        status: Some(e.status()),
-                    })
+                    .map(|entry| AckResponseEntry::echo(entry, e.status().into()))
                     .collect(),
             ),
         };
-        Ok(Response::new(AckMessageResponse {
+        Ok(Response::new(AckResponse {
             status: Some(status),
             entries,
         }))

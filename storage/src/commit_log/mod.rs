@@ -973,9 +973,9 @@ impl StoredRecord {
         self.segment.bytes(self.offset, self.offset + self.len)
     }
 
-    /// The decoded fields. The frame was checked by `read`.
+    /// The decoded fields. The frame and the fields were checked by `read`.
     pub fn view(&self) -> RecordView<'_> {
-        match RecordView::decode_fields(self.bytes()) {
+        match RecordView::decode_checked_fields(self.bytes()) {
             Ok(view) => view,
             // `read` (and so `Records`) only hands out records whose fields decoded.
             Err(e) => unreachable!("validated record failed to decode: {}", e.reason()),
