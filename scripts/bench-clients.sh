@@ -62,4 +62,5 @@ run "ferrumq-client SimpleConsumer receive 32 + ack_all"            "$broker_pid
 run "ferrumq-client SimpleConsumer receive 512 + ack_all"           "$broker_pid" consume "${ep[@]}" --client native --group native512 --count 800000 --concurrency 8 --batch 512
 run "raw v2 receive 32 + ack"                                      "$broker_pid" consume "${ep[@]}" --group raw --count 400000 --concurrency 8 --batch 32
 echo "== read the log by offset: PullMessage of 1024 per queue, no leases or acks (median of $runs)"
+run "ferrumq-client BroadcastConsumer, pull_batch(1024)"           "$broker_pid" consume "${ep[@]}" --client native --pull --group broadcast --count 800000 --batch 1024
 run "raw v2 pull 1024, one pull in flight per queue"               "$broker_pid" consume "${ep[@]}" --pull --group pull --count 800000 --batch 1024

@@ -72,6 +72,7 @@ pub(crate) struct NetArgs {
     pub(crate) requests: usize,
     /// consume only: read every queue by offset with PullMessage, as broadcast consumers
     /// do, B messages per pull and one pull in flight per queue: no leases and no acks.
+    /// With `--client native`, through ferrumq-client's BroadcastConsumer.
     #[arg(long)]
     pub(crate) pull: bool,
     /// e2e only: messages per second the producer sends.
@@ -412,7 +413,7 @@ pub(crate) fn consume(args: &NetArgs) -> anyhow::Result<()> {
         prepare(&args.endpoint, &args.topic, &args.group).await?;
         let received = Arc::new(Drained::new());
         match args.client {
-            ClientKind::Native if args.pull => bail!("--pull drives --client raw"),
+            ClientKind::Native if args.pull => consume_broadcast(args, &received).await?,
             ClientKind::Native => consume_native(args, &received).await?,
             ClientKind::Raw if args.pull => consume_pull(args, &received).await?,
             ClientKind::Raw => consume_raw(args, &received).await?,
@@ -575,6 +576,35 @@ async fn consume_native(args: &NetArgs, received: &Arc<Drained>) -> anyhow::Resu
     for task in tasks {
         task.await??;
     }
+    Ok(())
+}
+
+/// Every queue read from its beginning through ferrumq-client's BroadcastConsumer, B
+/// messages per pull, until `count` messages have come or the backlog ends.
+async fn consume_broadcast(args: &NetArgs, received: &Arc<Drained>) -> anyhow::Result<()> {
+    use ferrumq_client::{BroadcastConsumer, ClientConfig, ConsumeResult, Filter, StartFrom};
+    let counter = received.clone();
+    let consumer =
+        BroadcastConsumer::builder(ClientConfig::new(args.endpoint.clone()), &args.group)
+            .subscribe(args.topic.clone(), Filter::all())
+            .start_from(StartFrom::Earliest)
+            .long_polling(Duration::from_secs(1))
+            .pull_batch(u32::try_from(args.batch).unwrap_or(u32::MAX))
+            .listener(move |_| {
+                counter.add(1);
+                std::future::ready(ConsumeResult::Success)
+            })
+            .build()
+            .await?;
+    // Ends with the backlog too: nothing new for a few long polls.
+    let (mut seen, mut since) = (0, Instant::now());
+    while received.count() < args.count && since.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if received.count() > seen {
+            (seen, since) = (received.count(), Instant::now());
+        }
+    }
+    consumer.shutdown().await?;
     Ok(())
 }
 

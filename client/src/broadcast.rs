@@ -15,8 +15,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::io::Write;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use ferrumq_protocol::consumed::Consumed;
@@ -51,6 +53,7 @@ pub struct BroadcastConsumerBuilder {
     offset_file: Option<PathBuf>,
     start_from: StartFrom,
     long_polling: Duration,
+    pull_batch: u32,
     max_attempts: u32,
     listener: Option<Listener>,
 }
@@ -88,6 +91,14 @@ impl BroadcastConsumerBuilder {
         self
     }
 
+    /// Messages asked for by each pull (32); more cost fewer calls to the broker for a
+    /// backlog. The broker hands out at most 1,024 per pull.
+    #[must_use]
+    pub fn pull_batch(mut self, messages: u32) -> BroadcastConsumerBuilder {
+        self.pull_batch = messages;
+        self
+    }
+
     /// Calls of the listener per message before it is skipped (16); a broadcast message has
     /// no dead-letter queue.
     #[must_use]
@@ -120,6 +131,13 @@ impl BroadcastConsumerBuilder {
         if self.max_attempts == 0 {
             return Err(Error::Config("max_attempts must be at least 1".into()));
         }
+        if self.pull_batch == 0 || i32::try_from(self.pull_batch).is_err() {
+            return Err(Error::Config(format!(
+                "pull_batch must be between 1 and {}, not {}",
+                i32::MAX,
+                self.pull_batch
+            )));
+        }
         let transport = Transport::new(self.config)?;
         let offsets = Arc::new(Offsets::load(self.offset_file)?);
         let route = transport.route(&topic).await?;
@@ -131,6 +149,7 @@ impl BroadcastConsumerBuilder {
             filter,
             start_from: self.start_from,
             long_polling: self.long_polling,
+            pull_batch: i32::try_from(self.pull_batch).unwrap_or(i32::MAX),
             max_attempts: self.max_attempts,
             listener,
             offsets,
@@ -170,6 +189,7 @@ struct Inner {
     filter: Filter,
     start_from: StartFrom,
     long_polling: Duration,
+    pull_batch: i32,
     max_attempts: u32,
     listener: Listener,
     offsets: Arc<Offsets>,
@@ -185,6 +205,7 @@ impl BroadcastConsumer {
             offset_file: None,
             start_from: StartFrom::Latest,
             long_polling: Duration::from_secs(5),
+            pull_batch: 32,
             max_attempts: 16,
             listener: None,
         }
@@ -333,8 +354,7 @@ impl Inner {
     ) -> bool {
         for attempt in 1..=self.max_attempts {
             message.delivery_attempt = attempt;
-            let result = tokio::spawn((self.listener)(message.clone())).await;
-            if matches!(result, Ok(ConsumeResult::Success)) {
+            if run_listener(&self.listener, message.clone()).await == Some(ConsumeResult::Success) {
                 return true;
             }
             let wait = Duration::from_millis(100u64 << attempt.min(6));
@@ -383,7 +403,7 @@ impl Inner {
                 group: resource(&self.group),
                 message_queue: Some(queue.clone()),
                 offset,
-                batch_size: 32,
+                batch_size: self.pull_batch,
                 filter_expression: Some(self.filter.wire()),
                 long_polling_timeout: Some(prost_duration(self.long_polling)),
             },
@@ -435,6 +455,21 @@ impl Inner {
 fn queue_key(topic: &str, queue: &MessageQueue) -> String {
     let broker = queue.broker.as_ref().map_or("", |b| b.name.as_str());
     format!("{topic}\t{broker}\t{}", queue.id)
+}
+
+/// The listener's verdict on `message`, or `None` if it panicked: a panicking listener
+/// fails that attempt, as an error would, and the pull loop goes on. It runs in the pull
+/// loop's own task; a task per message was a visible part of each pulled message's cost.
+async fn run_listener(listener: &Listener, message: ReceivedMessage) -> Option<ConsumeResult> {
+    let mut work = catch_unwind(AssertUnwindSafe(|| listener(message))).ok()?;
+    std::future::poll_fn(move |cx| {
+        match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(Poll::Ready(result)) => Poll::Ready(Some(result)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(None),
+        }
+    })
+    .await
 }
 
 /// This instance's next offset per queue. The file has one `topic TAB broker TAB queue TAB
@@ -490,10 +525,16 @@ impl Offsets {
 
     fn set(&self, key: &str, offset: i64) {
         let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
-        if next.0.get(key) != Some(&offset) {
-            next.0.insert(key.to_owned(), offset);
-            next.1 = true;
+        let (offsets, changed) = &mut *next;
+        // Set after every message: the key is copied only the first time.
+        match offsets.get_mut(key) {
+            Some(known) if *known == offset => return,
+            Some(known) => *known = offset,
+            None => {
+                offsets.insert(key.to_owned(), offset);
+            }
         }
+        *changed = true;
     }
 
     fn save(&self) -> Result<()> {
@@ -534,6 +575,33 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_listener_that_panics_fails_its_attempt_and_nothing_else() {
+        let message = ReceivedMessage::from_wire(&Arc::from("b:1"), Default::default());
+        let verdict = |listener: Listener| {
+            let message = message.clone();
+            async move { run_listener(&listener, message).await }
+        };
+        let ok: Listener = Arc::new(|_| Box::pin(async { ConsumeResult::Success }));
+        assert_eq!(verdict(ok).await, Some(ConsumeResult::Success));
+        let later: Listener = Arc::new(|_| {
+            Box::pin(async {
+                tokio::task::yield_now().await;
+                ConsumeResult::Failure
+            })
+        });
+        assert_eq!(verdict(later).await, Some(ConsumeResult::Failure));
+        let panics_when_polled: Listener = Arc::new(|_| {
+            Box::pin(async {
+                tokio::task::yield_now().await;
+                panic!("listener failed")
+            })
+        });
+        assert_eq!(verdict(panics_when_polled).await, None);
+        let panics_when_called: Listener = Arc::new(|_| panic!("listener failed"));
+        assert_eq!(verdict(panics_when_called).await, None);
+    }
 
     #[test]
     fn offsets_survive_a_reload_and_a_bad_file_is_refused() {

@@ -378,6 +378,7 @@ fn broadcast_instance(
         .offset_file(offsets)
         .start_from(StartFrom::Earliest)
         .long_polling(Duration::from_millis(300))
+        .pull_batch(7)
         .listener(move |message: ReceivedMessage| {
             let seen = seen.clone();
             async move {
