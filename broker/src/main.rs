@@ -33,6 +33,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    keep_freed_buffers();
     let args = Args::parse();
     if args.print_default_config {
         let text = BrokerConfig::default_toml();
@@ -94,3 +95,25 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// glibc returns a freed block of 128 KiB or more to the kernel at once, and trims a heap as
+/// soon as 128 KiB at its top are free. A receive's buffers (its messages, and tonic's 256 KiB
+/// encode buffer) are that large, so every receive had fresh pages faulted in and zeroed, and
+/// the trims cost system calls and TLB flushes on both cores: about a tenth of the broker's
+/// CPU per consumed message. Blocks up to 4 MiB now come from the heaps, and a heap keeps up
+/// to 16 MiB free at its top.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn keep_freed_buffers() {
+    // SAFETY: `mallopt` only sets two of glibc's allocation thresholds.
+    let set = unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20) == 1
+    };
+    if !set {
+        eprintln!("warning: glibc refused the allocation thresholds; running with its defaults");
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_buffers() {}
