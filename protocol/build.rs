@@ -58,6 +58,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "crate::ack::AckRequest",
         )
         .extern_path(
+            ".apache.rocketmq.v2.SendMessageRequest",
+            "crate::send::SendRequest",
+        )
+        .extern_path(
             ".apache.rocketmq.v2.AckMessageResponse",
             "crate::ack::AckResponse",
         )

@@ -8,8 +8,8 @@ use clap::Args;
 use ferrumq_protocol::v2::messaging_service_server::{MessagingService, MessagingServiceServer};
 use ferrumq_protocol::v2::{
     Address, AddressScheme, Broker, Endpoints, HeartbeatRequest, HeartbeatResponse, MessageQueue,
-    MessageType, Permission, QueryRouteRequest, QueryRouteResponse, SendMessageRequest,
-    SendMessageResponse, SendResultEntry, Status, TelemetryCommand,
+    MessageType, Permission, QueryRouteRequest, QueryRouteResponse, SendMessageResponse,
+    SendResultEntry, Status, TelemetryCommand,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response};
@@ -73,7 +73,7 @@ impl MessagingService for NullService {
 
     async fn send_message(
         &self,
-        request: Request<SendMessageRequest>,
+        request: Request<ferrumq_protocol::send::SendRequest>,
     ) -> Result<Response<SendMessageResponse>, tonic::Status> {
         let entries = request
             .into_inner()

@@ -33,6 +33,11 @@ pub struct BrokerConfig {
     /// Sends are refused (`TOO_MANY_REQUESTS`, HTTP 429) while the data disk is fuller than
     /// this fraction, so acks and consumer state can still be written.
     pub disk_watermark: f64,
+    /// A send whose message id was stored in the last `duplicate_window_ms` (among the last
+    /// `duplicate_window_ids` sends) is answered as the first was and not stored again: a
+    /// producer's retry. 0 turns this off. The window takes about 60 bytes a send.
+    pub duplicate_window_ms: u64,
+    pub duplicate_window_ids: usize,
     pub topics: TopicDefaults,
     pub groups: GroupDefaults,
     pub limits: Limits,
@@ -144,6 +149,8 @@ impl Default for BrokerConfig {
             segment_size_bytes: 1 << 30,
             retention_hours: 72,
             disk_watermark: 0.90,
+            duplicate_window_ms: 120_000,
+            duplicate_window_ids: 1_000_000,
             topics: TopicDefaults::default(),
             groups: GroupDefaults::default(),
             limits: Limits::default(),

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod consumer;
+pub mod duplicates;
 pub mod error;
 mod files;
 pub mod filter;
@@ -116,7 +117,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         })??
     };
     let consumers = Arc::new(consumers);
-    let (transactions, timers) = {
+    let (transactions, timers, duplicates) = {
         let (store, metadata, metrics, settings) = (
             store.clone(),
             metadata.clone(),
@@ -133,14 +134,20 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
                 now,
             )?;
             let timers = timer::Timers::open(
-                store,
+                store.clone(),
                 metadata,
                 metrics,
                 config.timers.clone(),
                 config.data_dir.join("timer"),
                 now,
             )?;
-            Ok::<_, BrokerError>((Arc::new(transactions), Arc::new(timers)))
+            let mut duplicates = duplicates::DuplicateWindow::new(
+                config.duplicate_window_ms,
+                config.duplicate_window_ids,
+            );
+            let recent = duplicates.load(&store, now);
+            tracing::debug!(recent, "duplicate window loaded from the message index");
+            Ok::<_, BrokerError>((Arc::new(transactions), Arc::new(timers), duplicates))
         })
         .await
         .map_err(|e| BrokerError::Corrupt {
@@ -183,6 +190,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         consumers: consumers.clone(),
         transactions,
         timers: timers.clone(),
+        duplicates,
         metrics,
         routes,
         endpoint: endpoint.clone(),
@@ -205,6 +213,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let mut router = tonic::transport::Server::builder()
+        .max_frame_size(Some(256 * 1024))
         .add_service(
             MessagingServiceServer::new(grpc::messaging::MessagingApi::new(broker.clone()))
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)

@@ -12,6 +12,7 @@ pub struct Metrics {
     messages_acked: AtomicU64,
     dead_lettered: AtomicU64,
     send_errors: AtomicU64,
+    repeated_sends: AtomicU64,
     pub transactions_committed: AtomicU64,
     pub transactions_rolled_back: AtomicU64,
     pub transactions_discarded: AtomicU64,
@@ -32,6 +33,10 @@ impl Metrics {
 
     pub fn add_send_error(&self) {
         self.send_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add_repeated_sends(&self, n: u64) {
+        self.repeated_sends.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn add_delivered(&self, n: u64) {
@@ -78,6 +83,11 @@ impl Metrics {
                 "ferrumq_send_errors_total",
                 "SendMessage requests refused.",
                 &self.send_errors,
+            ),
+            (
+                "ferrumq_send_repeats_total",
+                "Messages sent again with an id stored within the duplicate window: answered as the first send was, not stored again.",
+                &self.repeated_sends,
             ),
             (
                 "rocketmq_commit_messages_total",

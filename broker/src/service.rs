@@ -14,11 +14,14 @@ use ferrumq_protocol::frame::EncodedMessage;
 use ferrumq_protocol::v2::{
     self, Code, FilterType, MessageQueue, QueryOffsetPolicy, SendResultEntry, Status,
 };
-use ferrumq_storage::{LogPos, MessageStore, MessageType, NewRecord, QueueOffset, TermIndex};
+use ferrumq_storage::{
+    Appended, LogPos, MessageStore, MessageType, NewRecord, QueueOffset, StoredRecord, TermIndex,
+};
 use tokio::sync::watch;
 
 use crate::config::{BrokerConfig, FlushPolicy};
 use crate::consumer::{ConsumerGroups, OPS_TOPIC};
+use crate::duplicates::DuplicateWindow;
 use crate::error::{ApiError, ApiResult};
 use crate::filter::Filter;
 use crate::message::{
@@ -27,7 +30,7 @@ use crate::message::{
 use crate::metadata::{self, GroupConfig, Metadata, TopicConfig};
 use crate::metrics::Metrics;
 use crate::timer::{self, TIMER_TOPIC, Timers};
-use crate::transaction::{HALF_TOPIC, Transactions};
+use crate::transaction::{HALF_TOPIC, Transactions, transaction_id};
 
 /// Where QueryRoute answers come from.
 pub enum Routes {
@@ -86,6 +89,9 @@ pub struct Broker {
     pub timers: Arc<Timers>,
     pub metrics: Arc<Metrics>,
     pub routes: Routes,
+    /// Recent sends by message id, to recognise a producer's retry; held from the check
+    /// through the append, so two sends of one id cannot both be stored.
+    duplicates: Mutex<DuplicateWindow>,
     /// `host:port` clients use to reach this broker.
     pub endpoint: String,
     pub started_ms: i64,
@@ -109,6 +115,7 @@ pub struct Parts {
     pub consumers: Arc<ConsumerGroups>,
     pub transactions: Arc<Transactions>,
     pub timers: Arc<Timers>,
+    pub duplicates: DuplicateWindow,
     pub metrics: Arc<Metrics>,
     pub routes: Routes,
     pub endpoint: String,
@@ -137,6 +144,72 @@ async fn wait_for_progress(dispatched: &mut watch::Receiver<u64>, until: Instant
     }
 }
 
+/// A batch that names one message id twice is refused: the second could only be a mistake,
+/// since a retry sends the whole message again on its own.
+fn refuse_repeated_ids(
+    checked: &[CheckedMessage],
+    hashes: &[u64],
+    names: &FieldNames,
+) -> ApiResult<()> {
+    if checked.len() < 2 {
+        return Ok(());
+    }
+    let mut by_hash: Vec<(u64, usize)> = hashes.iter().copied().zip(0..).collect();
+    by_hash.sort_unstable();
+    for pair in by_hash.windows(2) {
+        let ((h1, first), (h2, second)) = (pair[0], pair[1]);
+        if h1 == h2 && checked[first].message_id == checked[second].message_id {
+            let (first, second) = (first.min(second), first.max(second));
+            return Err(ApiError::new(
+                Code::IllegalMessageId,
+                format!(
+                    "{} {:?} repeats {}; each message of a batch needs its own id",
+                    names(second, "system_properties.message_id"),
+                    checked[second].message_id,
+                    names(first, "system_properties.message_id"),
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The reply the first send of `record` got, rebuilt from the record: its queue offset, and
+/// for a half message its transaction id, for one scheduled later its recall handle.
+fn answer_again(topic: &str, message_id: &str, record: &StoredRecord) -> Sent {
+    let view = record.view();
+    let offset = view.queue_offset.0;
+    let deliver_at_ms = view
+        .properties
+        .get(property::DELIVER_AT_MS)
+        .and_then(|at| at.parse().ok());
+    let mut result = SendResultEntry {
+        status: Some(Status::ok()),
+        message_id: message_id.to_owned(),
+        transaction_id: String::new(),
+        offset: i64::try_from(offset).unwrap_or(i64::MAX),
+        recall_handle: String::new(),
+    };
+    let queue = match view.topic {
+        HALF_TOPIC => {
+            result.transaction_id = transaction_id(offset);
+            None
+        }
+        TIMER_TOPIC => {
+            if let Some(at) = deliver_at_ms {
+                result.recall_handle = timer::recall_handle(topic, offset, at);
+            }
+            None
+        }
+        _ => Some(view.queue_id),
+    };
+    Sent {
+        result,
+        queue,
+        deliver_at_ms,
+    }
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -154,6 +227,7 @@ impl Broker {
             timers: parts.timers,
             metrics: parts.metrics,
             routes: parts.routes,
+            duplicates: Mutex::new(parts.duplicates),
             endpoint: parts.endpoint,
             started_ms: now_ms(),
             dispatched: parts.dispatched,
@@ -255,6 +329,11 @@ impl Broker {
             .enumerate()
             .map(|(i, m)| message::check(i, names, m, limits, now))
             .collect::<ApiResult<Vec<_>>>()?;
+        let hashes: Vec<u64> = checked
+            .iter()
+            .map(|m| DuplicateWindow::hash(&m.message_id))
+            .collect();
+        refuse_repeated_ids(&checked, &hashes, names)?;
         // Above the disk watermark new messages are refused; what finishes the messages
         // already held (acks, decisions, due timers, dead letters) is still written.
         self.store.check_space()?;
@@ -275,9 +354,101 @@ impl Broker {
             }
         };
 
+        let (earlier, appended) = self.append_new(&checked, &hashes, &topic, peer, now)?;
+        let records = appended.len();
+        let mut last_end = appended.last().map(|a| a.end());
+        let mut appended = appended.iter();
+        let mut bytes = 0u64;
+        let mut sent = Vec::with_capacity(checked.len());
+        for (message, earlier) in checked.iter().zip(&earlier) {
+            if let Some(record) = earlier {
+                // Its reply waits until the first send is durable, as the first one's does.
+                last_end = last_end.max(Some(record.end()));
+                sent.push(answer_again(&topic.name, &message.message_id, record));
+                continue;
+            }
+            let Some(appended) = appended.next() else {
+                return Err(ApiError::internal(
+                    "the append stored fewer messages than sent",
+                ));
+            };
+            bytes += message.body.len() as u64;
+            let offset = appended.queue_offset.0;
+            let mut result = SendResultEntry {
+                status: Some(Status::ok()),
+                message_id: message.message_id.clone(),
+                transaction_id: String::new(),
+                offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                recall_handle: String::new(),
+            };
+            match (&message.kind, message.placement.internal_topic) {
+                (Kind::Transaction { recovery_ms }, _) => {
+                    result.transaction_id = self.transactions.prepared(
+                        offset,
+                        appended.pos,
+                        &topic.name,
+                        client_id,
+                        appended.store_timestamp_ms,
+                        *recovery_ms,
+                    );
+                }
+                (Kind::Delay { deliver_at_ms }, Some(TIMER_TOPIC)) => {
+                    result.recall_handle =
+                        timer::recall_handle(&topic.name, offset, *deliver_at_ms);
+                }
+                _ => {}
+            }
+            let queue = match message.placement.internal_topic {
+                None => Some(message.placement.queue_id),
+                Some(_) => None,
+            };
+            let deliver_at_ms = match message.kind {
+                Kind::Delay { deliver_at_ms } => Some(deliver_at_ms),
+                _ => None,
+            };
+            sent.push(Sent {
+                result,
+                queue,
+                deliver_at_ms,
+            });
+        }
+        let repeated = sent.len() - records;
+        if repeated > 0 {
+            tracing::debug!(topic = %topic.name, repeated, "sends recognised as retries");
+            self.metrics.add_repeated_sends(repeated as u64);
+        }
+        self.durable(last_end).await?;
+        self.metrics.add_received(records as u64, bytes);
+        Ok(sent)
+    }
+
+    /// Appends the messages that are not a retry of a send within the duplicate window and
+    /// files them in the window, which is held meanwhile, so two sends of one id cannot both
+    /// be stored. Returns each message's earlier send (`None`: stored now) and the appends.
+    fn append_new(
+        &self,
+        checked: &[CheckedMessage],
+        hashes: &[u64],
+        topic: &TopicConfig,
+        peer: SocketAddr,
+        now: i64,
+    ) -> ApiResult<(Vec<Option<StoredRecord>>, Vec<Appended>)> {
+        let mut window = self
+            .duplicates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let earlier: Vec<Option<StoredRecord>> = checked
+            .iter()
+            .zip(hashes)
+            .map(|(m, &hash)| {
+                window.earlier_send(&self.store, hash, &m.message_id, &topic.name, now)
+            })
+            .collect();
         let records: Vec<NewRecord<'_>> = checked
             .iter()
-            .map(|message| NewRecord {
+            .zip(&earlier)
+            .filter(|(_, earlier)| earlier.is_none())
+            .map(|(message, _)| NewRecord {
                 topic: message.placement.internal_topic.unwrap_or(&topic.name),
                 queue_id: message.placement.queue_id,
                 message_type: message.placement.stored_type,
@@ -289,56 +460,17 @@ impl Broker {
             })
             .collect();
         let mut appended = Vec::with_capacity(records.len());
-        self.store.append_batch(&records, &mut appended)?;
-        let last_end = appended.last().map(|a| a.end());
-        let bytes: u64 = checked.iter().map(|m| m.body.len() as u64).sum();
-        let sent: Vec<Sent> = checked
-            .iter()
-            .zip(&appended)
-            .map(|(message, appended)| {
-                let offset = appended.queue_offset.0;
-                let mut result = SendResultEntry {
-                    status: Some(Status::ok()),
-                    message_id: message.message_id.clone(),
-                    transaction_id: String::new(),
-                    offset: i64::try_from(offset).unwrap_or(i64::MAX),
-                    recall_handle: String::new(),
-                };
-                match (&message.kind, message.placement.internal_topic) {
-                    (Kind::Transaction { recovery_ms }, _) => {
-                        result.transaction_id = self.transactions.prepared(
-                            offset,
-                            appended.pos,
-                            &topic.name,
-                            client_id,
-                            appended.store_timestamp_ms,
-                            *recovery_ms,
-                        );
-                    }
-                    (Kind::Delay { deliver_at_ms }, Some(TIMER_TOPIC)) => {
-                        result.recall_handle =
-                            timer::recall_handle(&topic.name, offset, *deliver_at_ms);
-                    }
-                    _ => {}
-                }
-                let queue = match message.placement.internal_topic {
-                    None => Some(message.placement.queue_id),
-                    Some(_) => None,
-                };
-                let deliver_at_ms = match message.kind {
-                    Kind::Delay { deliver_at_ms } => Some(deliver_at_ms),
-                    _ => None,
-                };
-                Sent {
-                    result,
-                    queue,
-                    deliver_at_ms,
-                }
-            })
-            .collect();
-        self.durable(last_end).await?;
-        self.metrics.add_received(sent.len() as u64, bytes);
-        Ok(sent)
+        let stored = match records.is_empty() {
+            true => Ok(()),
+            false => self.store.append_batch(&records, &mut appended),
+        };
+        // Filed even when the batch failed part-way: a retry then stores only the rest.
+        let new_hashes = hashes.iter().zip(&earlier).filter(|(_, e)| e.is_none());
+        for ((&hash, _), appended) in new_hashes.zip(&appended) {
+            window.insert(hash, appended.pos, appended.store_timestamp_ms);
+        }
+        stored?;
+        Ok((earlier, appended))
     }
 
     /// Decides where a checked message is stored: its topic and queue, or the internal

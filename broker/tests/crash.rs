@@ -419,3 +419,105 @@ async fn sigkill_keeps_pending_transactions_checked_and_timers_due_once() {
 async fn consumer_for(grpc: SocketAddr, topic: &str) -> rocketmq::SimpleConsumer {
     consumer(grpc, "g", topic).await
 }
+
+/// Producers that never learn whether their last sends were stored (the broker is killed while
+/// they wait) send every message again after the restart, with the same ids: each message is
+/// stored exactly once, and the ones answered before the kill keep their offsets.
+#[tokio::test]
+async fn sigkill_then_sending_everything_again_stores_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = spawn_broker(dir.path());
+    create_topic(first.grpc, "transfers", 1, &["NORMAL"]).await;
+    let answered = Arc::new(Mutex::new(std::collections::HashMap::<String, i64>::new()));
+    let attempted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut senders = Vec::new();
+    for task in 0..3 {
+        let (answered, attempted, grpc) = (answered.clone(), attempted.clone(), first.grpc);
+        senders.push(tokio::spawn(async move {
+            let mut raw = MessagingServiceClient::connect(format!("http://{grpc}"))
+                .await
+                .unwrap();
+            for batch in 0u32.. {
+                let ids: Vec<String> = (0..8).map(|i| format!("T{task}-{batch}-{i}")).collect();
+                attempted.lock().unwrap().extend(ids.iter().cloned());
+                let messages = ids.iter().map(|id| transfer(id)).collect();
+                let request = with_client_id(SendMessageRequest { messages }, PRODUCER);
+                let Ok(reply) = raw.send_message(request).await else {
+                    break;
+                };
+                let reply = reply.into_inner();
+                if reply.status.is_none_or(|s| s.code != Code::Ok as i32) {
+                    break;
+                }
+                let mut answered = answered.lock().unwrap();
+                for (id, entry) in ids.into_iter().zip(reply.entries) {
+                    answered.insert(id, entry.offset);
+                }
+            }
+        }));
+    }
+    while answered.lock().unwrap().len() < 400 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    let attempted = attempted.lock().unwrap().clone();
+    assert!(
+        attempted.len() > answered.len(),
+        "no send was left unanswered"
+    );
+
+    let mut second = spawn_broker(dir.path());
+    let mut raw = MessagingServiceClient::connect(format!("http://{}", second.grpc))
+        .await
+        .unwrap();
+    let mut offsets = std::collections::HashMap::new();
+    for ids in attempted.chunks(32) {
+        let messages = ids.iter().map(|id| transfer(id)).collect();
+        let request = with_client_id(SendMessageRequest { messages }, PRODUCER);
+        let reply = raw.send_message(request).await.unwrap().into_inner();
+        assert_eq!(reply.status.unwrap().code, Code::Ok as i32);
+        for (id, entry) in ids.iter().zip(reply.entries) {
+            offsets.insert(id.clone(), entry.offset);
+        }
+    }
+    for (id, offset) in &answered {
+        assert_eq!(
+            offsets[id], *offset,
+            "{id} answered at another offset after the restart"
+        );
+    }
+    // Every message at its own offset, and the queue holds exactly as many.
+    let mut stored: Vec<i64> = offsets.values().copied().collect();
+    stored.sort_unstable();
+    let expected: Vec<i64> = (0..attempted.len() as i64).collect();
+    assert_eq!(stored, expected, "a message stored twice or lost");
+    // Dispatch follows the replies; wait for it to index what they answered.
+    let mut admin = common::admin(second.grpc).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let in_queue = loop {
+        let queues = admin
+            .describe_topic(ferrumq_protocol::admin::DescribeTopicRequest {
+                name: "transfers".to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .queues;
+        if queues[0].max_offset >= attempted.len() as u64 || Instant::now() > deadline {
+            break queues[0].max_offset;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(in_queue, attempted.len() as u64);
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+}
+
+fn transfer(id: &str) -> Message {
+    special("transfers", id, MessageType::Normal, None)
+}

@@ -148,6 +148,7 @@ impl Transport {
             .map_err(|e| Error::Config(format!("endpoint {endpoint:?}: {e}")))?
             .connect_timeout(self.config.request_timeout)
             .tcp_nodelay(true)
+            .max_frame_size(256 * 1024)
             .http2_keep_alive_interval(Duration::from_secs(15))
             .keep_alive_while_idle(true)
             .connect_lazy();

@@ -49,6 +49,7 @@ pub mod codec;
 pub mod consumed;
 pub mod frame;
 pub mod message_id;
+pub mod send;
 
 pub use apache::rocketmq::v2;
 pub use ferrumq::admin::v1 as admin;

@@ -36,7 +36,8 @@ pub enum IndexKey<'a> {
 
 impl IndexKey<'_> {
     /// FNV-1a over the key's parts, without building the key in memory (dispatch hot path).
-    pub(crate) fn hash(&self) -> u64 {
+    /// The index files hold these hashes, so they never change.
+    pub fn hash(&self) -> u64 {
         match self {
             IndexKey::MessageId(id) => fnv1a_parts(&[b"I", id.as_bytes()]),
             IndexKey::Key { topic, key } => {
@@ -336,6 +337,27 @@ impl MessageIndex {
                 }
                 next = entry.prev;
                 steps += 1;
+            }
+        }
+        found
+    }
+
+    /// Every entry stored at or after `since_ms`, newest first, at most `max`: the key's
+    /// hash and its record's position and store time.
+    pub fn newest(&self, since_ms: i64, max: usize) -> Vec<(u64, LogPos, i64)> {
+        let files = self.files.read().unwrap_or_else(PoisonError::into_inner);
+        let mut found = Vec::new();
+        for file in files.iter().rev() {
+            if file.count == 0 || file.last_timestamp_ms < since_ms {
+                break;
+            }
+            for n in (0..file.count).rev() {
+                match file.entry(self.shape, n) {
+                    Some(entry) if entry.store_timestamp_ms >= since_ms && found.len() < max => {
+                        found.push((entry.key_hash, entry.log_pos, entry.store_timestamp_ms));
+                    }
+                    _ => return found,
+                }
             }
         }
         found

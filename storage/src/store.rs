@@ -306,6 +306,13 @@ impl MessageStore {
         })
     }
 
+    /// The message-index entries of records stored at or after `since_ms`, newest first, at
+    /// most `max`: each key's hash (see [`IndexKey::hash`]) and its record's position and
+    /// store time. Message ids and message keys alike; only dispatched records are indexed.
+    pub fn newest_index_entries(&self, since_ms: i64, max: usize) -> Vec<(u64, LogPos, i64)> {
+        self.inner.index.newest(since_ms, max)
+    }
+
     /// Every record below this has its consume-queue and index entries.
     pub fn dispatched_pos(&self) -> LogPos {
         LogPos(self.inner.dispatched.load(Ordering::Acquire))

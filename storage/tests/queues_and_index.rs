@@ -78,6 +78,21 @@ fn query_by_id_and_by_key_within_a_time_range() {
     assert!(store.query_by_id(&message_id(10), 0, stored - 1).is_empty());
     assert_eq!(store.query_by_id(&message_id(10), stored, stored).len(), 1);
 
+    // The newest entries, across index files: two per message (its id and its key), newest
+    // first, stopping at the bound or the time given.
+    let newest = store.newest_index_entries(0, 1000);
+    assert_eq!(newest.len(), 1000);
+    assert_eq!(newest[0].1, appended[599].pos);
+    assert_eq!(newest[999].1, appended[100].pos);
+    assert!(newest.windows(2).all(|w| w[0].1 >= w[1].1));
+    let id_hash = ferrumq_storage::IndexKey::MessageId(&message_id(599)).hash();
+    assert!(newest[..2].iter().any(|e| e.0 == id_hash));
+    let since = appended[550].store_timestamp_ms;
+    let recent = store.newest_index_entries(since, usize::MAX);
+    assert!(recent.iter().all(|e| e.2 >= since));
+    assert!(recent.iter().any(|e| e.1 == appended[550].pos));
+    assert!(recent.len() < 1200);
+
     // The index survives a restart.
     drop(store);
     let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use ferrumq_nameserver::session;
 use ferrumq_protocol::ack::{AckRequest, AckResponse, AckResponseEntry, EntryStatus};
 use ferrumq_protocol::frame::{Frame, PullFrame, ReceiveFrame};
+use ferrumq_protocol::send::SendRequest;
 use ferrumq_protocol::v2::messaging_service_server::MessagingService;
 use ferrumq_protocol::v2::{
     ChangeInvisibleDurationRequest, ChangeInvisibleDurationResponse, Code, EndTransactionRequest,
@@ -16,9 +17,9 @@ use ferrumq_protocol::v2::{
     PullMessageRequest, PullMessageResponse, QueryAssignmentRequest, QueryAssignmentResponse,
     QueryOffsetPolicy, QueryOffsetRequest, QueryOffsetResponse, QueryRouteRequest,
     QueryRouteResponse, RecallMessageRequest, RecallMessageResponse, ReceiveMessageRequest,
-    ReceiveMessageResponse, Resource, SendMessageRequest, SendMessageResponse, Status,
-    TelemetryCommand, TransactionResolution, UpdateOffsetRequest, UpdateOffsetResponse,
-    pull_message_response, receive_message_response, settings,
+    ReceiveMessageResponse, Resource, SendMessageResponse, Status, TelemetryCommand,
+    TransactionResolution, UpdateOffsetRequest, UpdateOffsetResponse, pull_message_response,
+    receive_message_response, settings,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response};
@@ -98,10 +99,7 @@ impl MessagingService for MessagingApi {
         }))
     }
 
-    async fn send_message(
-        &self,
-        request: Request<SendMessageRequest>,
-    ) -> Reply<SendMessageResponse> {
+    async fn send_message(&self, request: Request<SendRequest>) -> Reply<SendMessageResponse> {
         let peer = peer(&request);
         let result = match client_id(&request) {
             Ok(client) => {
