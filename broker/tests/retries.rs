@@ -120,9 +120,25 @@ async fn a_message_sent_again_is_answered_as_before_and_stored_once() {
         [4]
     );
 
-    let metrics = common::http_get(broker.running.http_addr, "/metrics").1;
+    // Over HTTP, a repeated `ferrumq-message-id` is a retry too.
+    let http = broker.running.http_addr;
+    let post = || {
+        let headers = [("ferrumq-message-id", "HTTP-1")];
+        let (status, body) =
+            common::http_request(http, "POST", "/topics/payments/messages", &headers, b"x");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["queue_offset"].clone()
+    };
+    assert_eq!(post(), 5);
+    assert_eq!(post(), 5);
+    assert_eq!(
+        offsets(&mut client, vec![normal("payments", "H")]).await,
+        [6]
+    );
+
+    let metrics = common::http_get(http, "/metrics").1;
     assert!(
-        metrics.contains("ferrumq_send_repeats_total 5"),
+        metrics.contains("ferrumq_send_repeats_total 6"),
         "{metrics}"
     );
     broker.running.shutdown().await.unwrap();

@@ -3,7 +3,8 @@
 //!
 //! - [`Producer`]: sends and waits for the broker's receipt; concurrent sends share requests
 //!   (batching without a timer); delays, FIFO message groups, transactions with a checker
-//!   for the broker's check-backs; retries keep the message id.
+//!   for the broker's check-backs; retries keep the message id, so a ferrumq broker that stored
+//!   the first attempt (within its duplicate window) answers a retry without storing it again.
 //! - [`SimpleConsumer`]: receive, ack, change a lease, at the application's pace.
 //! - [`PushConsumer`]: a listener with bounded concurrency, lease renewal while it works, an
 //!   ordered mode for FIFO groups and a shutdown that finishes the work in hand.
