@@ -174,6 +174,17 @@ fn refuse_repeated_ids(
     Ok(())
 }
 
+/// An OK reply entry for a message stored at queue `offset`.
+fn stored_entry(message_id: &str, offset: u64) -> SendResultEntry {
+    SendResultEntry {
+        status: Some(Status::ok()),
+        message_id: message_id.to_owned(),
+        transaction_id: String::new(),
+        offset: i64::try_from(offset).unwrap_or(i64::MAX),
+        recall_handle: String::new(),
+    }
+}
+
 /// The reply the first send of `record` got, rebuilt from the record: its queue offset, and
 /// for a half message its transaction id, for one scheduled later its recall handle.
 fn answer_again(topic: &str, message_id: &str, record: &StoredRecord) -> Sent {
@@ -183,13 +194,7 @@ fn answer_again(topic: &str, message_id: &str, record: &StoredRecord) -> Sent {
         .properties
         .get(property::DELIVER_AT_MS)
         .and_then(|at| at.parse().ok());
-    let mut result = SendResultEntry {
-        status: Some(Status::ok()),
-        message_id: message_id.to_owned(),
-        transaction_id: String::new(),
-        offset: i64::try_from(offset).unwrap_or(i64::MAX),
-        recall_handle: String::new(),
-    };
+    let mut result = stored_entry(message_id, offset);
     let queue = match view.topic {
         HALF_TOPIC => {
             result.transaction_id = transaction_id(offset);
@@ -374,13 +379,7 @@ impl Broker {
             };
             bytes += message.body.len() as u64;
             let offset = appended.queue_offset.0;
-            let mut result = SendResultEntry {
-                status: Some(Status::ok()),
-                message_id: message.message_id.clone(),
-                transaction_id: String::new(),
-                offset: i64::try_from(offset).unwrap_or(i64::MAX),
-                recall_handle: String::new(),
-            };
+            let mut result = stored_entry(&message.message_id, offset);
             match (&message.kind, message.placement.internal_topic) {
                 (Kind::Transaction { recovery_ms }, _) => {
                     result.transaction_id = self.transactions.prepared(

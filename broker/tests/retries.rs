@@ -144,6 +144,39 @@ async fn a_message_sent_again_is_answered_as_before_and_stored_once() {
     broker.running.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_of_one_id_at_the_same_time_store_it_once() {
+    let broker = start(|_| {}).await;
+    create_topic(broker.addr(), "transfers", 1, &["NORMAL"]).await;
+    let mut senders = Vec::new();
+    for _ in 0..8 {
+        let mut client = connect(&broker).await;
+        senders.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for n in 0..20 {
+                let id = format!("SAME-{n}");
+                answers.push(offsets(&mut client, vec![normal("transfers", &id)]).await[0]);
+            }
+            answers
+        }));
+    }
+    let mut answers = Vec::new();
+    for sender in senders {
+        answers.push(sender.await.unwrap());
+    }
+    // Every sender got one offset per id, the same for all, and the queue holds 20.
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+    let mut first = answers[0].clone();
+    first.sort_unstable();
+    assert_eq!(first, (0..20).collect::<Vec<i64>>());
+    let mut client = connect(&broker).await;
+    assert_eq!(
+        offsets(&mut client, vec![normal("transfers", "NEXT")]).await,
+        [20]
+    );
+    broker.running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn half_and_scheduled_messages_sent_again_keep_their_transaction_id_and_recall_handle() {
     let broker = start(|_| {}).await;
