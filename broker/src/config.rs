@@ -35,7 +35,7 @@ pub struct BrokerConfig {
     pub disk_watermark: f64,
     /// A send whose message id was stored in the last `duplicate_window_ms` (among the last
     /// `duplicate_window_ids` sends) is answered as the first was and not stored again: a
-    /// producer's retry. 0 turns this off. The window takes about 60 bytes a send.
+    /// producer's retry. 0 turns this off. The window takes about 40 bytes a send.
     pub duplicate_window_ms: u64,
     pub duplicate_window_ids: usize,
     pub topics: TopicDefaults,

@@ -165,11 +165,12 @@ impl Message {
     }
 
     /// The wire form, with its message id fixed (made now if the caller set none).
-    pub(crate) fn into_wire(mut self, transactional: bool) -> v2::Message {
+    /// The message as sent, born at `now` (read once for a whole batch).
+    pub(crate) fn into_wire(mut self, transactional: bool, now: SystemTime) -> v2::Message {
         let message_id = self
             .message_id
             .take()
-            .unwrap_or_else(ferrumq_protocol::message_id::new_message_id);
+            .unwrap_or_else(|| ferrumq_protocol::message_id::new_message_id_at(now));
         let message_type = if transactional {
             MessageType::Transaction
         } else if self.message_group.is_some() {
@@ -188,7 +189,7 @@ impl Message {
                 message_id,
                 body_encoding: Encoding::Identity as i32,
                 message_type: message_type as i32,
-                born_timestamp: Some(timestamp(epoch_ms(SystemTime::now()))),
+                born_timestamp: Some(timestamp(epoch_ms(now))),
                 delivery_timestamp: self.deliver_at_ms.map(timestamp),
                 message_group: self.message_group,
                 ..SystemProperties::default()
@@ -325,7 +326,12 @@ mod tests {
 
     #[test]
     fn the_type_follows_from_the_fields() {
-        let kind = |m: Message, txn| m.into_wire(txn).system_properties.unwrap().message_type;
+        let kind = |m: Message, txn| {
+            m.into_wire(txn, SystemTime::now())
+                .system_properties
+                .unwrap()
+                .message_type
+        };
         let m = || Message::new("t", "b");
         assert_eq!(kind(m(), false), MessageType::Normal as i32);
         assert_eq!(
@@ -341,11 +347,11 @@ mod tests {
 
     #[test]
     fn a_message_id_is_made_once_and_a_given_one_is_kept() {
-        let wire = Message::new("t", "b").into_wire(false);
+        let wire = Message::new("t", "b").into_wire(false, SystemTime::now());
         assert_eq!(wire.system_properties.unwrap().message_id.len(), 34);
         let kept = Message::new("t", "b")
             .with_message_id("01ABC")
-            .into_wire(false);
+            .into_wire(false, SystemTime::now());
         assert_eq!(kept.system_properties.unwrap().message_id, "01ABC");
     }
 

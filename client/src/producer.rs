@@ -15,7 +15,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ferrumq_protocol::v2::telemetry_command::Command;
 use ferrumq_protocol::v2::{
@@ -230,7 +230,7 @@ impl Producer {
         let queue = self.inner.batcher(message.topic())?;
         let (reply, receipt) = oneshot::channel();
         let pending = Pending {
-            message: message.into_wire(false),
+            message: message.into_wire(false, SystemTime::now()),
             sticky,
             reply,
         };
@@ -261,7 +261,11 @@ impl Producer {
         let sticky = messages[0]
             .message_group()
             .map(|g| crc32fast::hash(g.as_bytes()));
-        let wire: Vec<v2::Message> = messages.into_iter().map(|m| m.into_wire(false)).collect();
+        let now = SystemTime::now();
+        let wire: Vec<v2::Message> = messages
+            .into_iter()
+            .map(|m| m.into_wire(false, now))
+            .collect();
         let (endpoint, entries) = self.inner.send_wire(&topic, &wire, sticky).await?;
         let mut entries = entries.into_iter();
         wire.iter()
@@ -281,7 +285,7 @@ impl Producer {
         }
         message.validate(self.inner.options.max_body_bytes)?;
         let topic = message.topic().to_owned();
-        let wire = message.into_wire(true);
+        let wire = message.into_wire(true, SystemTime::now());
         let (endpoint, entries) = self
             .inner
             .send_wire(&topic, std::slice::from_ref(&wire), None)

@@ -8,6 +8,10 @@
 //! either without growing. Only the pages written to are touched, so a small call's buffer
 //! takes address space rather than memory.
 //!
+//! A decode buffer is twice that: once a message's header is read, tonic reserves room for
+//! the whole message beyond the bytes it already holds, and with 256 KiB HTTP/2 frames those
+//! bytes are often the whole message already.
+//!
 //! prost reads a message field by field, advancing its buffer at each. tonic's decode buffer
 //! is a `BytesMut`, whose every advance was a visible part of decoding a receive's 512
 //! messages; a `Bytes` advances by moving a pointer. Taking the message out as a `Bytes`
@@ -29,10 +33,13 @@ impl<T, U> Default for GrpcCodec<T, U> {
     }
 }
 
+const BUFFER_SIZE: usize = 256 << 10;
+const YIELD_THRESHOLD: usize = 32 << 10;
+
 /// 256 KiB buffers; a streamed reply is still handed to the connection every 32 KiB
 /// (tonic's default), so its first messages leave before the last are encoded.
 pub fn buffer_settings() -> BufferSettings {
-    BufferSettings::new(256 << 10, 32 << 10)
+    BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
 }
 
 impl<T, U> Codec for GrpcCodec<T, U>
@@ -71,6 +78,6 @@ impl<U: prost::Message + Default> Decoder for BytesDecoder<U> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        buffer_settings()
+        BufferSettings::new(2 * BUFFER_SIZE, YIELD_THRESHOLD)
     }
 }

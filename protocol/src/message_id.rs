@@ -13,6 +13,11 @@ const ID_EPOCH: Duration = Duration::from_secs(1_609_459_200);
 
 /// A new message id, unique across processes with overwhelming likelihood.
 pub fn new_message_id() -> String {
+    new_message_id_at(SystemTime::now())
+}
+
+/// [`new_message_id`] with the clock already read: a producer building a batch reads it once.
+pub fn new_message_id_at(now: SystemTime) -> String {
     static SEQUENCE: AtomicU32 = AtomicU32::new(0);
     static NODE_AND_PID: OnceLock<(u64, u32)> = OnceLock::new();
     // The standard library seeds each `RandomState` randomly: 48 random bits stand in for
@@ -23,7 +28,7 @@ pub fn new_message_id() -> String {
             .finish();
         (node & 0xFFFF_FFFF_FFFF, std::process::id() & 0xFFFF)
     });
-    let seconds = SystemTime::now()
+    let seconds = now
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .saturating_sub(ID_EPOCH)
