@@ -56,7 +56,12 @@ impl ConsumeQueueEntry {
 /// The hash of a tag stored in consume-queue entries (FNV-1a, 64 bits); never 0, which means
 /// "no tag".
 pub fn tag_hash(tag: &str) -> u64 {
-    match fnv1a(tag.as_bytes()) {
+    tag_hash_bytes(tag.as_bytes())
+}
+
+/// [`tag_hash`] of a tag read from a record as bytes.
+pub(crate) fn tag_hash_bytes(tag: &[u8]) -> u64 {
+    match fnv1a(tag) {
         0 => 1,
         hash => hash,
     }

@@ -39,12 +39,20 @@ impl IndexKey<'_> {
     /// The index files hold these hashes, so they never change.
     pub fn hash(&self) -> u64 {
         match self {
-            IndexKey::MessageId(id) => fnv1a_parts(&[b"I", id.as_bytes()]),
-            IndexKey::Key { topic, key } => {
-                fnv1a_parts(&[b"K", topic.as_bytes(), &[0], key.as_bytes()])
-            }
+            IndexKey::MessageId(id) => message_id_hash(id.as_bytes()),
+            IndexKey::Key { topic, key } => message_key_hash(topic.as_bytes(), key.as_bytes()),
         }
     }
+}
+
+/// [`IndexKey::MessageId`]'s hash, from bytes read out of a record.
+pub(crate) fn message_id_hash(id: &[u8]) -> u64 {
+    fnv1a_parts(&[b"I", id])
+}
+
+/// [`IndexKey::Key`]'s hash, from bytes read out of a record.
+pub(crate) fn message_key_hash(topic: &[u8], key: &[u8]) -> u64 {
+    fnv1a_parts(&[b"K", topic, &[0], key])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

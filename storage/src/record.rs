@@ -137,6 +137,18 @@ impl<'a> PropertiesRef<'a> {
         PropertyIter { rest: self.encoded }
     }
 
+    /// The keys and values as bytes, not checked again as UTF-8: for the dispatcher, which
+    /// only hashes and compares them.
+    pub(crate) fn iter_bytes(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + use<'a> {
+        let mut rest = self.encoded;
+        std::iter::from_fn(move || {
+            let (key, tail) = split_string(rest)?;
+            let (value, tail) = split_string(tail)?;
+            rest = tail;
+            Some((key, value))
+        })
+    }
+
     /// The first value of `key`.
     pub fn get(&self, key: &str) -> Option<&'a str> {
         self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
@@ -441,6 +453,24 @@ pub(crate) fn frame_len_unchecked_crc(buf: &[u8]) -> Result<usize, DecodeError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_read_as_bytes_are_the_same_pairs_in_the_same_order() {
+        let properties = Properties::default()
+            .with("TAGS", "paid")
+            .and_then(|p| p.with("KEYS", "order-1"))
+            .and_then(|p| p.with("KEYS", "client-7"))
+            .and_then(|p| p.with("TAGS", "second"))
+            .unwrap();
+        let as_text: Vec<(&[u8], &[u8])> = properties
+            .as_ref()
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+            .collect();
+        let as_bytes: Vec<(&[u8], &[u8])> = properties.as_ref().iter_bytes().collect();
+        assert_eq!(as_bytes, as_text);
+        assert_eq!(as_bytes.len(), 4);
+    }
 
     fn sample<'a>(properties: &'a Properties, body: &'a [u8]) -> NewRecord<'a> {
         NewRecord {

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::checkpoint::{Checkpoint, CheckpointFile};
 use crate::commit_log::{Appended, CommitLog, DiskFull, Durable, StoredRecord};
-use crate::consume_queue::{ConsumeQueue, ConsumeQueueEntry, ConsumeQueues, tag_hash};
+use crate::consume_queue::{ConsumeQueue, ConsumeQueueEntry, ConsumeQueues, tag_hash_bytes};
 use crate::error::{Error, IoContext, Result};
 use crate::fs::DiskUsage;
-use crate::message_index::{IndexKey, MessageIndex};
+use crate::message_index::{IndexKey, MessageIndex, message_id_hash, message_key_hash};
 use crate::options::StoreOptions;
 use crate::pos::{LogPos, QueueOffset};
 use crate::record::{NewRecord, keys};
@@ -500,10 +500,22 @@ impl Inner {
         for item in records.by_ref() {
             let (pos, record) = item?;
             let view = record.view();
+            // One pass over the properties, as bytes: the record's were checked when read.
+            let mut tag = None;
+            index_keys.clear();
+            for (key, value) in view.properties.iter_bytes() {
+                if key == keys::TAG.as_bytes() {
+                    tag = tag.or(Some(value));
+                } else if key == keys::MESSAGE_ID.as_bytes() {
+                    index_keys.push(message_id_hash(value));
+                } else if key == keys::KEY.as_bytes() {
+                    index_keys.push(message_key_hash(view.topic.as_bytes(), value));
+                }
+            }
             let entry = ConsumeQueueEntry {
                 log_pos: pos,
                 size: view.len,
-                tag_hash: view.properties.get(keys::TAG).map_or(0, tag_hash),
+                tag_hash: tag.map_or(0, tag_hash_bytes),
                 store_timestamp_ms: view.store_timestamp_ms,
             };
             let queue = match queue.take() {
@@ -513,20 +525,6 @@ impl Inner {
                 _ => queue.insert(self.queues.get_or_create(view.topic, view.queue_id)),
             };
             queue.put(view.queue_offset, &entry)?;
-            index_keys.clear();
-            for (key, value) in view.properties.iter() {
-                match key {
-                    keys::MESSAGE_ID => index_keys.push(IndexKey::MessageId(value).hash()),
-                    keys::KEY => index_keys.push(
-                        IndexKey::Key {
-                            topic: view.topic,
-                            key: value,
-                        }
-                        .hash(),
-                    ),
-                    _ => {}
-                }
-            }
             if !index_keys.is_empty() {
                 self.index
                     .add(index_keys.iter().copied(), pos, view.store_timestamp_ms)?;
