@@ -164,8 +164,8 @@ impl Message {
         Ok(())
     }
 
-    /// The wire form, with its message id fixed (made now if the caller set none).
-    /// The message as sent, born at `now` (read once for a whole batch).
+    /// The wire form, born at `now` (read once for a whole batch), with its message id fixed
+    /// (made from `now` if the caller set none).
     pub(crate) fn into_wire(mut self, transactional: bool, now: SystemTime) -> v2::Message {
         let message_id = self
             .message_id

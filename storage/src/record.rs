@@ -134,19 +134,15 @@ impl<'a> PropertiesRef<'a> {
     }
 
     pub fn iter(&self) -> PropertyIter<'a> {
-        PropertyIter { rest: self.encoded }
+        PropertyIter {
+            bytes: self.iter_bytes(),
+        }
     }
 
     /// The keys and values as bytes, not checked again as UTF-8: for the dispatcher, which
     /// only hashes and compares them.
-    pub(crate) fn iter_bytes(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + use<'a> {
-        let mut rest = self.encoded;
-        std::iter::from_fn(move || {
-            let (key, tail) = split_string(rest)?;
-            let (value, tail) = split_string(tail)?;
-            rest = tail;
-            Some((key, value))
-        })
+    pub(crate) fn iter_bytes(&self) -> PropertyBytes<'a> {
+        PropertyBytes { rest: self.encoded }
     }
 
     /// The first value of `key`.
@@ -166,7 +162,7 @@ impl<'a> PropertiesRef<'a> {
 }
 
 pub struct PropertyIter<'a> {
-    rest: &'a [u8],
+    bytes: PropertyBytes<'a>,
 }
 
 impl<'a> Iterator for PropertyIter<'a> {
@@ -174,13 +170,26 @@ impl<'a> Iterator for PropertyIter<'a> {
 
     fn next(&mut self) -> Option<(&'a str, &'a str)> {
         // The bytes were validated by `PropertiesRef::parse` or built by `Properties::push`.
-        let (key, rest) = split_string(self.rest)?;
-        let (value, rest) = split_string(rest)?;
-        self.rest = rest;
+        let (key, value) = self.bytes.next()?;
         Some((
             std::str::from_utf8(key).ok()?,
             std::str::from_utf8(value).ok()?,
         ))
+    }
+}
+
+pub(crate) struct PropertyBytes<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for PropertyBytes<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<(&'a [u8], &'a [u8])> {
+        let (key, rest) = split_string(self.rest)?;
+        let (value, rest) = split_string(rest)?;
+        self.rest = rest;
+        Some((key, value))
     }
 }
 
