@@ -17,8 +17,8 @@ use crate::message::property;
 /// The sends are kept in a ring, oldest replaced first, and found through an open-addressing
 /// table (linear probing, at most half full) of 8-byte slots into the ring. Every send is
 /// looked up, filed and, once the ring is full, forgets the oldest one: a general-purpose map
-/// took a cache miss for each of the four steps, which made the window a tenth of the broker's
-/// work at full speed. Here a send's look-up and filing share a slot's cache line, and the
+/// took a cache miss at each of these steps, which made the window up to a tenth of the
+/// broker's work at full speed. Here a send's look-up and filing share a slot's cache line, and the
 /// ring is written in order.
 pub struct DuplicateWindow {
     window_ms: i64,
