@@ -750,12 +750,12 @@ impl Broker {
         }
     }
 
-    /// Acks `(field name, handle)` pairs; one outcome per entry.
+    /// Acks the entries' receipt handles; one outcome per entry.
     pub async fn ack(
         &self,
         group: &str,
         topic: &str,
-        handles: &[&str],
+        handles: &[&[u8]],
     ) -> ApiResult<Vec<ApiResult<()>>> {
         let group = self.known_group(group)?;
         let topic = self.readable_topic(topic)?;

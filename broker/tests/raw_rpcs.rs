@@ -141,35 +141,29 @@ async fn each_client_language_gets_the_body_digest_form_it_checks() {
     let mut client = Client::connect(format!("http://{}", broker.addr()))
         .await
         .unwrap();
+    let md5 = Some((DigestType::Md5 as i32, "AF533170E9968B9DE45AB0842B54A315"));
     let expected = [
-        (Some("JAVA"), DigestType::Crc32, "3E0D52A"),
-        (Some("PYTHON"), DigestType::Crc32, "03E0D52A"),
-        (Some("HTTP"), DigestType::Crc32, "65066282"),
-        (
-            Some("GO"),
-            DigestType::Md5,
-            "AF533170E9968B9DE45AB0842B54A315",
-        ),
-        (None, DigestType::Md5, "AF533170E9968B9DE45AB0842B54A315"),
+        (Some("JAVA"), Some((DigestType::Crc32 as i32, "3E0D52A"))),
+        (Some("PYTHON"), Some((DigestType::Crc32 as i32, "03E0D52A"))),
+        (Some("HTTP"), Some((DigestType::Crc32 as i32, "65066282"))),
+        // The Rust clients never read it.
+        (Some("RUST"), None),
+        (Some("GO"), md5),
+        (None, md5),
     ];
     for n in 0..expected.len() {
         create_group(broker.addr(), &format!("digest-{n}"), 16).await;
     }
     // CRC32("m21") = 0x03E0D52A = 65066282; its MD5 is AF53...A315.
     send(&mut client, "digests", &["m21"]).await;
-    for (n, (language, kind, checksum)) in expected.into_iter().enumerate() {
+    for (n, (language, digest)) in expected.into_iter().enumerate() {
         let group = format!("digest-{n}");
         let messages = receive_as(&mut client, &group, "digests", 30_000, language, 32).await;
         assert_eq!(messages.len(), 1, "{language:?}");
-        let digest = messages[0]
-            .system_properties
-            .as_ref()
-            .unwrap()
-            .body_digest
-            .clone()
-            .unwrap();
-        assert_eq!(digest.r#type, kind as i32, "{language:?}");
-        assert_eq!(digest.checksum, checksum, "{language:?}");
+        let sent = messages[0].system_properties.as_ref().unwrap();
+        let sent = sent.body_digest.as_ref();
+        let sent = sent.map(|d| (d.r#type, d.checksum.as_str()));
+        assert_eq!(sent, digest, "{language:?}");
     }
 }
 

@@ -336,7 +336,7 @@ impl ConsumerGroups {
         &self,
         group: &GroupConfig,
         topic: &TopicConfig,
-        handles: &[&str],
+        handles: &[&[u8]],
     ) -> (Vec<ApiResult<()>>, Option<LogPos>) {
         // Parsed before the lock: other consumers of the group need not wait for it.
         let parsed: Vec<ApiResult<ReceiptHandle>> = handles
@@ -347,10 +347,16 @@ impl ConsumerGroups {
         let mut state = self.lock();
         let mut outcomes = Vec::with_capacity(handles.len());
         let mut finished = Vec::new();
+        // The group's queues of the topic, looked up by name once for all entries.
+        let queues = state
+            .groups
+            .get(&group.name)
+            .and_then(|t| t.get(&topic.name));
         for (index, parsed) in parsed.into_iter().enumerate() {
             let field = EntryField(index);
             let outcome = parsed.and_then(|handle| {
-                match check_lease(&state, group, topic, &handle, &field)? {
+                let queue = queues.and_then(|q| q.get(&handle.queue_id));
+                match check_lease(queue, group, &handle, &field)? {
                     LeaseCheck::AlreadyDone => Ok(None),
                     LeaseCheck::Current => Ok(Some((handle.queue_id, handle.offset))),
                 }
@@ -962,14 +968,14 @@ enum LeaseCheck {
     AlreadyDone,
 }
 
+/// Whether `handle` names a message on its current lease in `queue`, the group's state of
+/// the handle's queue (`None` when the group holds none).
 fn check_lease(
-    state: &ConsumerState,
+    queue: Option<&QueueState>,
     group: &GroupConfig,
-    topic: &TopicConfig,
     handle: &ReceiptHandle,
     field: &dyn std::fmt::Display,
 ) -> ApiResult<LeaseCheck> {
-    let queue = state.queue(&group.name, &topic.name, handle.queue_id);
     if queue.is_some_and(|q| q.is_done(handle.offset)) {
         return Ok(LeaseCheck::AlreadyDone);
     }
@@ -996,8 +1002,9 @@ fn current_lease(
     topic: &TopicConfig,
     text: &str,
 ) -> ApiResult<ReceiptHandle> {
-    let handle = ReceiptHandle::decode(text, &topic.name, &"receipt_handle")?;
-    match check_lease(state, group, topic, &handle, &"receipt_handle")? {
+    let handle = ReceiptHandle::decode(text.as_bytes(), &topic.name, &"receipt_handle")?;
+    let queue = state.queue(&group.name, &topic.name, handle.queue_id);
+    match check_lease(queue, group, &handle, &"receipt_handle")? {
         LeaseCheck::Current => Ok(handle),
         LeaseCheck::AlreadyDone => Err(ApiError::new(
             Code::InvalidReceiptHandle,

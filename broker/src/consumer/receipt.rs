@@ -9,7 +9,7 @@
 use ferrumq_protocol::v2::Code;
 
 use crate::error::{ApiError, ApiResult};
-use crate::message::{HEX_LOWER, push_hex};
+use crate::message::{HEX_LOWER, HEX_UPPER, push_hex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReceiptHandle {
@@ -39,9 +39,10 @@ impl ReceiptHandle {
         push_hex(text, u64::from(self.checksum(topic)), 8, HEX_LOWER);
     }
 
-    /// Parses a handle received for `topic`; `field` names it in the error.
+    /// Parses a handle received for `topic`; `field` names it in the error. The handle is
+    /// read as bytes: a valid one is ASCII, so any other text fails as it should.
     pub fn decode(
-        text: &str,
+        text: &[u8],
         topic: &str,
         field: &dyn std::fmt::Display,
     ) -> ApiResult<ReceiptHandle> {
@@ -50,28 +51,48 @@ impl ReceiptHandle {
                 Code::InvalidReceiptHandle,
                 format!(
                     "{field} {:?} is not a receipt handle of topic {topic:?}: {why}",
-                    truncate(text)
+                    truncate(&String::from_utf8_lossy(text))
                 ),
             )
         };
-        // Split by hand: `str::split` was a visible part of every acked message.
-        let mut parts = text.as_bytes().split(|&byte| byte == b'.');
-        if parts.next() != Some(VERSION.as_bytes()) {
+        // One pass over the bytes, each digit looked up in a table: splitting on '.' and
+        // matching each digit's range were a visible part of every acked message.
+        let Some(rest) = text
+            .strip_prefix(VERSION.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"."))
+        else {
             return Err(invalid("unknown format"));
-        }
-        let mut number = |what: &str| {
-            parts
-                .next()
-                .and_then(hex_field)
-                .ok_or_else(|| invalid(&format!("bad {what}")))
         };
-        let queue_id = u32::try_from(number("queue id")?).map_err(|_| invalid("bad queue id"))?;
-        let offset = number("offset")?;
-        let epoch = number("epoch")?;
-        let checksum = number("checksum")?;
-        if parts.next().is_some() {
-            return Err(invalid("trailing fields"));
+        const FIELDS: [&str; 4] = ["queue id", "offset", "epoch", "checksum"];
+        let mut numbers = [0u64; 4];
+        let (mut field, mut digits) = (0, 0);
+        for &byte in rest {
+            if byte == b'.' {
+                if digits == 0 {
+                    return Err(invalid(&format!("bad {}", FIELDS[field])));
+                }
+                if field == FIELDS.len() - 1 {
+                    return Err(invalid("trailing fields"));
+                }
+                (field, digits) = (field + 1, 0);
+                continue;
+            }
+            let nibble = HEX_DIGITS[usize::from(byte)];
+            digits += 1;
+            if nibble > 0xF || digits > 16 {
+                return Err(invalid(&format!("bad {}", FIELDS[field])));
+            }
+            numbers[field] = numbers[field] << 4 | u64::from(nibble);
         }
+        // The text ended in an empty field, or before the last one.
+        if digits == 0 {
+            return Err(invalid(&format!("bad {}", FIELDS[field])));
+        }
+        if field < FIELDS.len() - 1 {
+            return Err(invalid(&format!("bad {}", FIELDS[field + 1])));
+        }
+        let [queue_id, offset, epoch, checksum] = numbers;
+        let queue_id = u32::try_from(queue_id).map_err(|_| invalid("bad queue id"))?;
         let handle = ReceiptHandle {
             queue_id,
             offset,
@@ -95,22 +116,17 @@ impl ReceiptHandle {
     }
 }
 
-/// 1 to 16 hex digits, as `encode` writes them. Hand-written: `from_str_radix` was a
-/// visible part of every acked message.
-fn hex_field(field: &[u8]) -> Option<u64> {
-    if field.is_empty() || field.len() > 16 {
-        return None;
+/// Each byte's value as a hex digit, or 0xFF for a byte that is not one.
+const HEX_DIGITS: [u8; 256] = {
+    let mut table = [0xFF; 256];
+    let mut value: u8 = 0;
+    while value < 16 {
+        table[HEX_LOWER[value as usize] as usize] = value;
+        table[HEX_UPPER[value as usize] as usize] = value;
+        value += 1;
     }
-    field.iter().try_fold(0u64, |value, &digit| {
-        let nibble = match digit {
-            b'0'..=b'9' => digit - b'0',
-            b'a'..=b'f' => digit - b'a' + 10,
-            b'A'..=b'F' => digit - b'A' + 10,
-            _ => return None,
-        };
-        Some(value << 4 | u64::from(nibble))
-    })
-}
+    table
+};
 
 fn truncate(text: &str) -> &str {
     let end = text.char_indices().nth(64).map_or(text.len(), |(i, _)| i);
@@ -132,19 +148,54 @@ mod tests {
         let text = h.encode("orders");
         // Handles outlive a broker version: this one must stay valid.
         assert_eq!(text, "f1.3.10000000000.7.75307ea3");
-        assert_eq!(ReceiptHandle::decode(&text, "orders", &"f").unwrap(), h);
-        let err = ReceiptHandle::decode(&text, "other", &"entries[0].receipt_handle").unwrap_err();
+        assert_eq!(
+            ReceiptHandle::decode(text.as_bytes(), "orders", &"f").unwrap(),
+            h
+        );
+        let err = ReceiptHandle::decode(text.as_bytes(), "other", &"entries[0].receipt_handle")
+            .unwrap_err();
         assert_eq!(err.code, Code::InvalidReceiptHandle);
         assert!(err.message.contains("entries[0].receipt_handle"));
     }
 
     #[test]
-    fn hex_fields_read_what_encode_writes_and_nothing_else() {
-        assert_eq!(hex_field(b"0"), Some(0));
-        assert_eq!(hex_field(b"1A"), Some(26));
-        assert_eq!(hex_field(b"ffffffffffffffff"), Some(u64::MAX));
-        for bad in ["", "+1", "-1", "g", "1 ", "10000000000000000", "\u{e9}"] {
-            assert_eq!(hex_field(bad.as_bytes()), None, "{bad:?}");
+    fn fields_are_read_as_encode_writes_them_and_nothing_else_is() {
+        let h = ReceiptHandle {
+            queue_id: 26,
+            offset: u64::MAX,
+            epoch: 0,
+        };
+        let text = h.encode("t");
+        assert_eq!(
+            text,
+            format!("f1.1a.ffffffffffffffff.0.{:08x}", h.checksum("t"))
+        );
+        let upper = format!("f1.1A.FFFFFFFFFFFFFFFF.0.{:08X}", h.checksum("t"));
+        assert_eq!(
+            ReceiptHandle::decode(upper.as_bytes(), "t", &"f").unwrap(),
+            h
+        );
+        let checksum = format!("{:08x}", h.checksum("t"));
+        let with = |queue: &str, offset: &str, tail: &str| {
+            format!("f1.{queue}.{offset}.0.{checksum}{tail}")
+        };
+        for (bad, why) in [
+            (with("", "ffffffffffffffff", ""), "bad queue id"),
+            (with("+1a", "ffffffffffffffff", ""), "bad queue id"),
+            (with("1g", "ffffffffffffffff", ""), "bad queue id"),
+            (with("\u{e9}", "ffffffffffffffff", ""), "bad queue id"),
+            (with("100000000", "ffffffffffffffff", ""), "bad queue id"),
+            (with("1a", "1ffffffffffffffff", ""), "bad offset"),
+            (with("1a", "ff ff", ""), "bad offset"),
+            (with("1a", "ffffffffffffffff", "."), "trailing fields"),
+            (with("1a", "ffffffffffffffff", ".0"), "trailing fields"),
+            ("f1.1a.ffffffffffffffff".to_owned(), "bad epoch"),
+            ("f1.1a.ffffffffffffffff.0.".to_owned(), "bad checksum"),
+            ("f2.1a.0.0.0".to_owned(), "unknown format"),
+            ("f1".to_owned(), "unknown format"),
+        ] {
+            let err = ReceiptHandle::decode(bad.as_bytes(), "t", &"f").unwrap_err();
+            assert!(err.message.ends_with(why), "{bad:?}: {}", err.message);
         }
     }
 
@@ -152,12 +203,12 @@ mod tests {
         #[test]
         fn every_handle_round_trips(queue_id: u32, offset: u64, epoch: u64) {
             let h = ReceiptHandle { queue_id, offset, epoch };
-            prop_assert_eq!(ReceiptHandle::decode(&h.encode("t"), "t", &"f").unwrap(), h);
+            prop_assert_eq!(ReceiptHandle::decode(h.encode("t").as_bytes(), "t", &"f").unwrap(), h);
         }
 
         #[test]
         fn arbitrary_text_is_refused_not_panicked_on(text in ".{0,80}") {
-            if let Ok(h) = ReceiptHandle::decode(&text, "t", &"f") {
+            if let Ok(h) = ReceiptHandle::decode(text.as_bytes(), "t", &"f") {
                 prop_assert_eq!(h.encode("t"), text);
             }
         }
@@ -169,7 +220,7 @@ mod tests {
             let mut changed = text.clone();
             changed.replace_range(at..at + 1, &c);
             if changed != text {
-                prop_assert!(ReceiptHandle::decode(&changed, "t", &"f").is_err());
+                prop_assert!(ReceiptHandle::decode(changed.as_bytes(), "t", &"f").is_err());
             }
         }
     }
