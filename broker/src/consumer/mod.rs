@@ -348,10 +348,7 @@ impl ConsumerGroups {
         let mut outcomes = Vec::with_capacity(handles.len());
         let mut finished = Vec::new();
         // The group's queues of the topic, looked up by name once for all entries.
-        let queues = state
-            .groups
-            .get(&group.name)
-            .and_then(|t| t.get(&topic.name));
+        let queues = state.queues(&group.name, &topic.name);
         for (index, parsed) in parsed.into_iter().enumerate() {
             let field = EntryField(index);
             let outcome = parsed.and_then(|handle| {

@@ -64,12 +64,13 @@ impl ReceiptHandle {
             return Err(invalid("unknown format"));
         };
         const FIELDS: [&str; 4] = ["queue id", "offset", "epoch", "checksum"];
+        let bad = |field: usize| invalid(&format!("bad {}", FIELDS[field]));
         let mut numbers = [0u64; 4];
         let (mut field, mut digits) = (0, 0);
         for &byte in rest {
             if byte == b'.' {
                 if digits == 0 {
-                    return Err(invalid(&format!("bad {}", FIELDS[field])));
+                    return Err(bad(field));
                 }
                 if field == FIELDS.len() - 1 {
                     return Err(invalid("trailing fields"));
@@ -80,19 +81,19 @@ impl ReceiptHandle {
             let nibble = HEX_DIGITS[usize::from(byte)];
             digits += 1;
             if nibble > 0xF || digits > 16 {
-                return Err(invalid(&format!("bad {}", FIELDS[field])));
+                return Err(bad(field));
             }
             numbers[field] = numbers[field] << 4 | u64::from(nibble);
         }
         // The text ended in an empty field, or before the last one.
         if digits == 0 {
-            return Err(invalid(&format!("bad {}", FIELDS[field])));
+            return Err(bad(field));
         }
         if field < FIELDS.len() - 1 {
-            return Err(invalid(&format!("bad {}", FIELDS[field + 1])));
+            return Err(bad(field + 1));
         }
         let [queue_id, offset, epoch, checksum] = numbers;
-        let queue_id = u32::try_from(queue_id).map_err(|_| invalid("bad queue id"))?;
+        let queue_id = u32::try_from(queue_id).map_err(|_| bad(0))?;
         let handle = ReceiptHandle {
             queue_id,
             offset,

@@ -197,7 +197,12 @@ pub struct ConsumerState {
 
 impl ConsumerState {
     pub fn queue(&self, group: &str, topic: &str, queue_id: u32) -> Option<&QueueState> {
-        self.groups.get(group)?.get(topic)?.get(&queue_id)
+        self.queues(group, topic)?.get(&queue_id)
+    }
+
+    /// The group's queues of `topic`, by queue id; nothing is created.
+    pub fn queues(&self, group: &str, topic: &str) -> Option<&BTreeMap<u32, QueueState>> {
+        self.groups.get(group)?.get(topic)
     }
 
     /// The queue's state when the group has one; nothing is created.
