@@ -8,6 +8,7 @@
 //! ([`state::ConsumerState`]); every change is journaled in the commit log (topic
 //! [`OPS_TOPIC`]) before the client hears of it, and a snapshot file bounds the replay.
 
+mod offsets;
 pub mod receipt;
 pub mod state;
 
@@ -192,7 +193,7 @@ impl ConsumerGroups {
                     q.leases
                         .iter()
                         .filter(|(_, l)| l.visible_at_ms <= now_ms)
-                        .map(|(o, l)| (*o, l.attempt))
+                        .map(|(o, l)| (o, l.attempt))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -452,11 +453,11 @@ impl ConsumerGroups {
             };
             for (topic_name, queues) in topics {
                 for (queue_id, queue) in queues {
-                    for (offset, lease) in &queue.leases {
+                    for (offset, lease) in queue.leases.iter() {
                         if lease.visible_at_ms <= now_ms
                             && lease.attempt >= group.max_delivery_attempts
                         {
-                            due.push((group.clone(), topic_name.clone(), *queue_id, *offset));
+                            due.push((group.clone(), topic_name.clone(), *queue_id, offset));
                         }
                     }
                 }
@@ -507,7 +508,7 @@ impl ConsumerGroups {
         for (group, topics) in &state.groups {
             for (topic, queues) in topics {
                 for (queue_id, queue) in queues {
-                    for (offset, lease) in &queue.leases {
+                    for (offset, lease) in queue.leases.iter() {
                         if lease.renew_until_ms <= now_ms || lease.visible_at_ms <= now_ms {
                             continue;
                         }
@@ -526,7 +527,7 @@ impl ConsumerGroups {
                             group: group.clone(),
                             topic: topic.clone(),
                             queue_id: *queue_id,
-                            offset: *offset,
+                            offset,
                             epoch: lease.epoch,
                             visible_at_ms,
                             renew_until_ms,
@@ -659,7 +660,7 @@ impl ConsumerGroups {
                 let queue = topics.get(topic)?.get(&queue_id)?;
                 Some((
                     group.clone(),
-                    queue.leases.get(&offset).cloned(),
+                    queue.leases.get(offset).cloned(),
                     queue.is_done(offset),
                 ))
             })
@@ -679,8 +680,7 @@ impl ConsumerGroups {
                 queues.iter().map(move |(queue_id, q)| {
                     let delivered = q
                         .leases
-                        .keys()
-                        .next_back()
+                        .last_offset()
                         .map_or(q.floor, |o| o + 1)
                         .max(q.next_unscanned());
                     (
@@ -745,7 +745,7 @@ impl ConsumerGroups {
                 more = true;
                 break;
             }
-            if qs.is_done(offset) || qs.leases.contains_key(&offset) {
+            if qs.is_done(offset) || qs.leases.contains(offset) {
                 offset += 1;
                 continue;
             }
@@ -778,8 +778,8 @@ impl ConsumerGroups {
         // that message is delivered again before any later one.
         let mut busy: HashSet<String> = qs
             .leases
-            .keys()
-            .filter_map(|&offset| self.record_in(queue, offset))
+            .offsets()
+            .filter_map(|offset| self.record_in(queue, offset))
             .map(|record| message_group(&record).to_owned())
             .collect();
         let mut taken = 0;
@@ -794,7 +794,7 @@ impl ConsumerGroups {
                 break;
             }
             while let Some(offset) = qs.waiting.get_mut(&group).and_then(VecDeque::pop_front) {
-                if qs.is_done(offset) || qs.leases.contains_key(&offset) {
+                if qs.is_done(offset) || qs.leases.contains(offset) {
                     continue;
                 }
                 if let Some(record) = self.record_in(queue, offset) {
@@ -817,7 +817,7 @@ impl ConsumerGroups {
                 more = true;
                 break;
             }
-            if qs.is_done(offset) || qs.leases.contains_key(&offset) {
+            if qs.is_done(offset) || qs.leases.contains(offset) {
                 offset += 1;
                 continue;
             }
@@ -976,7 +976,7 @@ fn check_lease(
     if queue.is_some_and(|q| q.is_done(handle.offset)) {
         return Ok(LeaseCheck::AlreadyDone);
     }
-    match queue.and_then(|q| q.leases.get(&handle.offset)) {
+    match queue.and_then(|q| q.leases.get(handle.offset)) {
         Some(lease) if lease.issued(handle.epoch) => Ok(LeaseCheck::Current),
         Some(_) => Err(ApiError::new(
             Code::InvalidReceiptHandle,

@@ -5,9 +5,11 @@
 //! the client, and recovery replays the ops written after the last snapshot, so the state
 //! after a crash is the state the clients were told about.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+
+use super::offsets::{DoneOffsets, Leases};
 
 /// One message handed out and not yet acked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,8 +50,8 @@ pub struct QueueState {
     /// Every offset below this is done: acked, dead-lettered or filtered out.
     pub floor: u64,
     /// Done offsets at or above `floor` (acks arrive out of order).
-    pub done: BTreeSet<u64>,
-    pub leases: BTreeMap<u64, Lease>,
+    pub done: DoneOffsets,
+    pub leases: Leases,
     /// Offsets below this were looked at for new messages; not kept across restarts, where
     /// scanning resumes at `floor` and skips what is done or leased.
     #[serde(skip)]
@@ -71,20 +73,16 @@ impl QueueState {
     }
 
     pub fn is_done(&self, offset: u64) -> bool {
-        offset < self.floor || self.done.contains(&offset)
+        offset < self.floor || self.done.contains(offset)
     }
 
     pub fn mark_done(&mut self, offset: u64) {
         if offset < self.floor {
             return;
         }
-        self.leases.remove(&offset);
+        self.leases.remove(offset);
         if offset == self.floor {
-            // In order, as most acks are: the floor moves without the set.
-            self.floor += 1;
-            while self.done.remove(&self.floor) {
-                self.floor += 1;
-            }
+            self.floor = self.done.take_run(offset + 1);
         } else {
             self.done.insert(offset);
         }
@@ -96,12 +94,8 @@ impl QueueState {
         if self.floor >= min {
             return;
         }
-        self.floor = min;
-        self.done = self.done.split_off(&min);
-        self.leases = self.leases.split_off(&min);
-        while self.done.remove(&self.floor) {
-            self.floor += 1;
-        }
+        self.floor = self.done.take_run(min);
+        self.leases.drop_below(min);
         self.scanned = self.scanned.max(self.floor);
     }
 
@@ -126,6 +120,7 @@ pub enum Op {
     Deliver {
         group: String,
         topic: String,
+        #[serde(with = "runs")]
         messages: Vec<(u32, u64, u32)>,
         epoch: u64,
         visible_at_ms: i64,
@@ -150,6 +145,7 @@ pub enum Op {
     Done {
         group: String,
         topic: String,
+        #[serde(with = "runs")]
         messages: Vec<(u32, u64)>,
     },
     /// An operator moved the group's position in a queue (`ResetOffset`): everything from
@@ -286,7 +282,7 @@ impl ConsumerState {
                 renew_until_ms,
             } => {
                 let queue = self.queue_mut(group, topic, *queue_id, || *offset);
-                if let Some(lease) = queue.leases.get_mut(offset) {
+                if let Some(lease) = queue.leases.get_mut(*offset) {
                     lease.epoch = *epoch;
                     lease.visible_at_ms = *visible_at_ms;
                     lease.renew_until_ms = *renew_until_ms;
@@ -327,6 +323,133 @@ impl ConsumerState {
     }
 }
 
+/// An op's messages as the journal holds them: runs of consecutive offsets in one queue with
+/// one attempt, `[queue id, first offset, (attempt,) count]`, so that a receive of 512
+/// messages is a few runs rather than 512 entries. An entry without a count, as journals
+/// held them before, is a run of one.
+mod runs {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::ser::SerializeSeq;
+    use serde::{Deserializer, Serializer};
+
+    /// A message of an op: a queue id, an offset and, for a delivery, its attempt.
+    pub(super) trait Entry: Copy {
+        /// How many numbers follow the queue id and offset.
+        const EXTRA: usize;
+        fn queue_offset(&self) -> (u32, u64);
+        fn extra(&self) -> Option<u32>;
+        fn new(queue_id: u32, offset: u64, extra: Option<u32>) -> Self;
+    }
+
+    impl Entry for (u32, u64) {
+        const EXTRA: usize = 0;
+        fn queue_offset(&self) -> (u32, u64) {
+            *self
+        }
+        fn extra(&self) -> Option<u32> {
+            None
+        }
+        fn new(queue_id: u32, offset: u64, _: Option<u32>) -> Self {
+            (queue_id, offset)
+        }
+    }
+
+    impl Entry for (u32, u64, u32) {
+        const EXTRA: usize = 1;
+        fn queue_offset(&self) -> (u32, u64) {
+            (self.0, self.1)
+        }
+        fn extra(&self) -> Option<u32> {
+            Some(self.2)
+        }
+        fn new(queue_id: u32, offset: u64, extra: Option<u32>) -> Self {
+            (queue_id, offset, extra.unwrap_or_default())
+        }
+    }
+
+    /// The longest run read back: longer than any op writes.
+    const MAX_RUN: u64 = 1 << 20;
+
+    pub(super) fn serialize<E: Entry, S: Serializer>(
+        messages: &[E],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(None)?;
+        let mut entries = messages.iter().peekable();
+        while let Some(first) = entries.next() {
+            let (queue_id, offset) = first.queue_offset();
+            let mut count = 1;
+            while let Some(next) = entries.peek() {
+                if next.queue_offset() != (queue_id, offset + count)
+                    || next.extra() != first.extra()
+                {
+                    break;
+                }
+                entries.next();
+                count += 1;
+            }
+            match first.extra() {
+                None => seq.serialize_element(&(queue_id, offset, count))?,
+                Some(extra) => seq.serialize_element(&(queue_id, offset, extra, count))?,
+            }
+        }
+        seq.end()
+    }
+
+    pub(super) fn deserialize<'de, E: Entry, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<E>, D::Error> {
+        d.deserialize_seq(RunsVisitor(PhantomData))
+    }
+
+    struct RunsVisitor<E>(PhantomData<E>);
+
+    impl<'de, E: Entry> Visitor<'de> for RunsVisitor<E> {
+        type Value = Vec<E>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of runs of messages")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<E>, A::Error> {
+            let mut messages = Vec::new();
+            while let Some(run) = seq.next_element::<Vec<u64>>()? {
+                let number = |i: usize, what: &str| {
+                    run.get(i)
+                        .copied()
+                        .ok_or_else(|| A::Error::custom(format!("a run without its {what}")))
+                };
+                let queue_id = u32::try_from(number(0, "queue id")?)
+                    .map_err(|_| A::Error::custom("a run's queue id is over u32"))?;
+                let offset = number(1, "offset")?;
+                let extra = match E::EXTRA {
+                    0 => None,
+                    _ => Some(
+                        u32::try_from(number(2, "attempt")?)
+                            .map_err(|_| A::Error::custom("a run's attempt is over u32"))?,
+                    ),
+                };
+                let count = match run.len() - 2 - E::EXTRA {
+                    0 => 1,
+                    1 => number(2 + E::EXTRA, "count")?,
+                    _ => return Err(A::Error::custom("a run with too many numbers")),
+                };
+                if !(1..=MAX_RUN).contains(&count) {
+                    return Err(A::Error::custom(format!("a run of {count} messages")));
+                }
+                let end = offset
+                    .checked_add(count)
+                    .ok_or_else(|| A::Error::custom("a run past the last offset"))?;
+                messages.extend((offset..end).map(|offset| E::new(queue_id, offset, extra)));
+            }
+            Ok(messages)
+        }
+    }
+}
+
 /// JSON maps need string keys; pull offsets are stored as a list.
 mod pull_offsets {
     use super::QueueKey;
@@ -358,7 +481,15 @@ mod tests {
     fn a_lease_takes_every_handle_of_its_delivery_and_no_older_one() {
         let mut state = ConsumerState::default();
         state.apply(&deliver(&[5], 10));
-        let lease = |state: &ConsumerState| state.queue("g", "t", 0).unwrap().leases[&5].clone();
+        let lease = |state: &ConsumerState| {
+            state
+                .queue("g", "t", 0)
+                .unwrap()
+                .leases
+                .get(5)
+                .unwrap()
+                .clone()
+        };
         state.apply(&Op::Renew {
             group: "g".into(),
             topic: "t".into(),
@@ -447,14 +578,13 @@ mod tests {
             acks in proptest::collection::vec(0u64..40, 0..60)
         ) {
             let mut queue = QueueState::starting_at(0);
-            let mut acked = BTreeSet::new();
+            let mut acked = std::collections::BTreeSet::new();
             for offset in acks {
                 queue.mark_done(offset);
                 acked.insert(offset);
                 let floor = (0..).find(|o| !acked.contains(o)).unwrap();
                 proptest::prop_assert_eq!(queue.floor, floor);
-                let above: BTreeSet<u64> = acked.range(floor..).copied().collect();
-                proptest::prop_assert_eq!(&queue.done, &above);
+                proptest::prop_assert!(queue.done.iter().eq(acked.range(floor..).copied()));
             }
         }
     }
@@ -475,7 +605,7 @@ mod tests {
             .unwrap();
         q.skip_below(5);
         assert_eq!(q.floor, 5);
-        assert_eq!(q.leases.keys().copied().collect::<Vec<_>>(), vec![5]);
+        assert_eq!(q.leases.offsets().collect::<Vec<_>>(), vec![5]);
         q.mark_done(5);
         assert_eq!((q.floor, q.done.len()), (7, 0));
     }
@@ -498,6 +628,59 @@ mod tests {
         }
         assert_eq!(once.queue("g", "t", 0), twice.queue("g", "t", 0));
         assert_eq!(twice.queue("g", "t", 0).unwrap().floor, 2);
+    }
+
+    #[test]
+    fn journaled_messages_are_runs_and_older_lists_still_read() {
+        let delivery = |messages| Op::Deliver {
+            group: "g".into(),
+            topic: "t".into(),
+            messages,
+            epoch: 3,
+            visible_at_ms: 100,
+            renew_until_ms: 0,
+            owner: String::new(),
+        };
+        let runs = delivery(vec![
+            (0, 5, 1),
+            (0, 6, 1),
+            (0, 7, 1),
+            (1, 8, 1),
+            (0, 8, 2),
+            (0, 9, 2),
+        ]);
+        let json = serde_json::to_string(&runs).unwrap();
+        assert!(
+            json.contains(r#""messages":[[0,5,1,3],[1,8,1,1],[0,8,2,2]]"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Op>(&json).unwrap(), runs);
+        let finished = done(&[1, 2, 4]);
+        let json = serde_json::to_string(&finished).unwrap();
+        assert!(json.contains(r#""messages":[[0,1,2],[0,4,1]]"#), "{json}");
+        assert_eq!(serde_json::from_str::<Op>(&json).unwrap(), finished);
+
+        let older = r#"{"Deliver":{"group":"g","topic":"t","messages":[[0,5,1],[0,6,2]],
+            "epoch":3,"visible_at_ms":100}}"#;
+        assert_eq!(
+            serde_json::from_str::<Op>(older).unwrap(),
+            delivery(vec![(0, 5, 1), (0, 6, 2)])
+        );
+        let older = r#"{"Done":{"group":"g","topic":"t","messages":[[0,1],[0,2]]}}"#;
+        assert_eq!(serde_json::from_str::<Op>(older).unwrap(), done(&[1, 2]));
+
+        for (messages, why) in [
+            ("[[0]]", "without its offset"),
+            ("[[0,1,2,3]]", "too many numbers"),
+            ("[[0,1,0]]", "a run of 0 messages"),
+            ("[[0,1,2000000]]", "a run of 2000000 messages"),
+            ("[[4294967296,1]]", "queue id is over u32"),
+            ("[[0,18446744073709551615,2]]", "past the last offset"),
+        ] {
+            let json = format!(r#"{{"Done":{{"group":"g","topic":"t","messages":{messages}}}}}"#);
+            let error = serde_json::from_str::<Op>(&json).unwrap_err().to_string();
+            assert!(error.contains(why), "{messages}: {error}");
+        }
     }
 
     #[test]
