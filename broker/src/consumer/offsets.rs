@@ -175,6 +175,19 @@ impl Leases {
     }
 
     fn slot(&self, offset: u64) -> Result<usize, usize> {
+        let (Some((first, _)), Some((last, _))) = (self.slots.front(), self.slots.back()) else {
+            return Err(0);
+        };
+        if offset > *last {
+            return Err(self.slots.len());
+        }
+        // Offsets are mostly leased one after another: first look where the offset would be
+        // if none were missing.
+        if let Some(guess) = offset.checked_sub(*first).and_then(|i| usize::try_from(i).ok())
+            && self.slots.get(guess).is_some_and(|(o, _)| *o == offset)
+        {
+            return Ok(guess);
+        }
         self.slots.binary_search_by_key(&offset, |(o, _)| *o)
     }
 
