@@ -562,7 +562,7 @@ pub fn encode_wire(
             system.born_timestamp(view.born_timestamp_ms);
             match born_host {
                 Some(host) if !host.is_empty() => system.born_host(host),
-                _ => system.born_host(&ip_text(view.born_host.ip())),
+                _ => system.born_host(IpText::new(view.born_host.ip()).as_str()),
             }
             system.store_timestamp(view.store_timestamp_ms);
             system.store_host(delivery.as_ref().map_or(store_host, |d| d.store_host));
@@ -638,25 +638,44 @@ pub fn push_hex(text: &mut String, value: u64, min_digits: usize, digits: &[u8; 
     }
 }
 
-/// An IP address as text; IPv4 without going through `fmt`.
-fn ip_text(ip: std::net::IpAddr) -> String {
-    let std::net::IpAddr::V4(v4) = ip else {
-        return ip.to_string();
-    };
-    let mut text = String::with_capacity(15);
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            text.push('.');
+/// An IP address as text: IPv4 on the stack, without going through `fmt`.
+enum IpText {
+    V4 { text: [u8; 15], len: usize },
+    Other(String),
+}
+
+impl IpText {
+    fn new(ip: std::net::IpAddr) -> IpText {
+        let std::net::IpAddr::V4(v4) = ip else {
+            return IpText::Other(ip.to_string());
+        };
+        let (mut text, mut len) = ([0; 15], 0);
+        let mut push = |byte: u8| {
+            text[len] = byte;
+            len += 1;
+        };
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                push(b'.');
+            }
+            if octet >= 100 {
+                push(b'0' + octet / 100);
+            }
+            if octet >= 10 {
+                push(b'0' + octet / 10 % 10);
+            }
+            push(b'0' + octet % 10);
         }
-        if octet >= 100 {
-            text.push(char::from(b'0' + octet / 100));
-        }
-        if octet >= 10 {
-            text.push(char::from(b'0' + octet / 10 % 10));
-        }
-        text.push(char::from(b'0' + octet % 10));
+        IpText::V4 { text, len }
     }
-    text
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Digits and dots only.
+            IpText::V4 { text, len } => std::str::from_utf8(&text[..*len]).unwrap_or_default(),
+            IpText::Other(text) => text,
+        }
+    }
 }
 
 pub fn timestamp(ms: i64) -> prost_types::Timestamp {
@@ -888,7 +907,8 @@ mod tests {
             proptest::prop_assert_eq!(hex_text(small, 1), format!("{small:X}"));
             proptest::prop_assert_eq!(hex_text(small, 8), format!("{small:08X}"));
             let ip = std::net::IpAddr::from(octets);
-            proptest::prop_assert_eq!(ip_text(ip), ip.to_string());
+            let text = IpText::new(ip);
+            proptest::prop_assert_eq!(text.as_str(), ip.to_string());
         }
     }
 

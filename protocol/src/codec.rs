@@ -3,14 +3,17 @@
 //!
 //! tonic starts each call's encode and decode buffers at 8 KiB and doubles them as they
 //! fill, copying what they hold each time. A send of 128 messages of 1 KiB is a 135 KiB
-//! request, and a receive of 512 streams out 32 KiB chunks, each started in a new buffer;
-//! most of their bytes were copied once more on the way in or out. Buffers of 256 KiB hold
-//! either without growing. Only the pages written to are touched, so a small call's buffer
-//! takes address space rather than memory.
+//! request; a receive of 512 is a stream of about 600 KiB, handed to the connection in 32 KiB
+//! chunks split off the front of one buffer. Once that buffer is used up while chunks are
+//! still in flight, each new one is 64 KiB (`bytes` keeps no more of the first capacity) and
+//! begins with a copy of the chunk being written. An encode buffer of 1 MiB holds a whole
+//! receive's reply without that; a decode buffer of 512 KiB holds any request. Only the
+//! pages written to are touched, so a small call's buffer takes address space rather than
+//! memory.
 //!
-//! A decode buffer is twice that: once a message's header is read, tonic reserves room for
-//! the whole message beyond the bytes it already holds, and with 256 KiB HTTP/2 frames those
-//! bytes are often the whole message already.
+//! A decode buffer is twice the largest request: once a message's header is read, tonic
+//! reserves room for the whole message beyond the bytes it already holds, and with 256 KiB
+//! HTTP/2 frames those bytes are often the whole message already.
 //!
 //! prost reads a message field by field, advancing its buffer at each. tonic's decode buffer
 //! is a `BytesMut`, whose every advance was a visible part of decoding a receive's 512
@@ -33,13 +36,14 @@ impl<T, U> Default for GrpcCodec<T, U> {
     }
 }
 
-const BUFFER_SIZE: usize = 256 << 10;
+const ENCODE_BUFFER_SIZE: usize = 1 << 20;
+const DECODE_BUFFER_SIZE: usize = 512 << 10;
 const YIELD_THRESHOLD: usize = 32 << 10;
 
-/// 256 KiB buffers; a streamed reply is still handed to the connection every 32 KiB
+/// A 1 MiB encode buffer; a streamed reply is still handed to the connection every 32 KiB
 /// (tonic's default), so its first messages leave before the last are encoded.
 pub fn buffer_settings() -> BufferSettings {
-    BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
+    BufferSettings::new(ENCODE_BUFFER_SIZE, YIELD_THRESHOLD)
 }
 
 impl<T, U> Codec for GrpcCodec<T, U>
@@ -78,6 +82,6 @@ impl<U: prost::Message + Default> Decoder for BytesDecoder<U> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(2 * BUFFER_SIZE, YIELD_THRESHOLD)
+        BufferSettings::new(DECODE_BUFFER_SIZE, YIELD_THRESHOLD)
     }
 }

@@ -183,7 +183,9 @@ impl Leases {
         }
         // Offsets are mostly leased one after another: first look where the offset would be
         // if none were missing.
-        if let Some(guess) = offset.checked_sub(*first).and_then(|i| usize::try_from(i).ok())
+        if let Some(guess) = offset
+            .checked_sub(*first)
+            .and_then(|i| usize::try_from(i).ok())
             && self.slots.get(guess).is_some_and(|(o, _)| *o == offset)
         {
             return Ok(guess);
