@@ -7,11 +7,11 @@
 //! chunks split off the front of one buffer. Once that buffer is used up while chunks are
 //! still in flight, each new one is 64 KiB (`bytes` keeps no more of the first capacity) and
 //! begins with a copy of the chunk being written. An encode buffer of 1 MiB holds a whole
-//! receive's reply without that; a decode buffer of 512 KiB holds any request. Only the
+//! receive's reply without that; a decode buffer of 512 KiB holds a send of 128. Only the
 //! pages written to are touched, so a small call's buffer takes address space rather than
 //! memory.
 //!
-//! A decode buffer is twice the largest request: once a message's header is read, tonic
+//! A decode buffer is twice an HTTP/2 frame: once a message's header is read, tonic
 //! reserves room for the whole message beyond the bytes it already holds, and with 256 KiB
 //! HTTP/2 frames those bytes are often the whole message already.
 //!

@@ -289,29 +289,18 @@ fn two_strings(out: &mut BytesMut, field: u32, first: &str, second: &str) {
 /// each of their bytes into a `BytesMut` checks its capacity.
 fn seconds_and_nanos(out: &mut BytesMut, field: u32, seconds: i64, nanos: i32) {
     // Two keys of one byte and two varints of at most ten.
-    let mut content = [0u8; 22];
-    let mut len = 0;
+    const CONTENT_MAX: usize = 22;
+    let mut content = [0u8; CONTENT_MAX];
+    let mut rest = &mut content[..];
     for (number, value) in [(1u8, seconds), (2, i64::from(nanos))] {
         if value != 0 {
-            content[len] = number << 3;
-            len += 1 + put_varint(&mut content[len + 1..], value as u64);
+            rest.put_u8(number << 3);
+            encode_varint(value as u64, &mut rest);
         }
     }
+    let len = CONTENT_MAX - rest.len();
     header(out, field, len);
     out.extend_from_slice(&content[..len]);
-}
-
-/// Writes `value` as a varint at the start of `to`, which has room for ten bytes; returns
-/// how many it took.
-fn put_varint(to: &mut [u8], mut value: u64) -> usize {
-    let mut len = 0;
-    while value >= 0x80 {
-        to[len] = value as u8 | 0x80;
-        value >>= 7;
-        len += 1;
-    }
-    to[len] = value as u8;
-    len + 1
 }
 
 fn length_delimited(out: &mut BytesMut, field: u32, value: &[u8]) {

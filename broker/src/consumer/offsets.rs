@@ -86,7 +86,7 @@ impl DoneOffsets {
     }
 
     /// Forgets every offset below `min`.
-    pub fn drop_below(&mut self, min: u64) {
+    fn drop_below(&mut self, min: u64) {
         while self.base.saturating_add(64) <= min {
             let Some(word) = self.words.pop_front() else {
                 break;
@@ -207,13 +207,10 @@ impl Leases {
         self.get(offset).is_some()
     }
 
-    /// Leases `offset`, replacing the lease it had.
+    /// Leases `offset`, replacing the lease it had. Most offsets go at the end; one below
+    /// the last lease (a FIFO group's waiting message, a rescan after a restart) shifts the
+    /// shorter side of the deque.
     pub fn insert(&mut self, offset: u64, lease: Lease) {
-        if self.slots.back().is_none_or(|(last, _)| *last < offset) {
-            self.slots.push_back((offset, Some(lease)));
-            self.len += 1;
-            return;
-        }
         match self.slot(offset) {
             Ok(i) => {
                 if self.slots[i].1.replace(lease).is_none() {
