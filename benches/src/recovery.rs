@@ -1,9 +1,13 @@
-//! `ferrumq-bench recovery`: how long a store takes to open after a crash, by log size.
+//! `ferrumq-bench recovery`: how long a store takes to open after a crash and after a clean
+//! stop, by log size and by the number of topics.
 //!
 //! A child process fills a fresh store with 1 KiB records (`async` flush, as fast as the
-//! machine writes) and keeps writing; once the log reaches `--log-size` the parent kills it with
-//! SIGKILL mid-write and times `MessageStore::open` on what is left. The page cache survives a
-//! process crash, so this measures recovery work, not a cold disk.
+//! machine writes) spread over `--topics` topics of 8 queues each, and keeps writing; once the
+//! log reaches `--log-size` and the dispatcher has checkpointed since every queue got a message
+//! (as a store that has run for a while has), the parent kills it with SIGKILL mid-write and
+//! times `MessageStore::open` on what is left. It then closes the store cleanly
+//! and times one more open. The page cache survives a process crash, so this measures recovery
+//! work, not a cold disk.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -23,6 +27,9 @@ pub(crate) struct RecoveryArgs {
     log_size: u64,
     #[arg(long, default_value = "1024", value_parser = parse_size)]
     size: u64,
+    /// Topics to spread the records over, 8 queues each; every queue gets at least one.
+    #[arg(long, default_value_t = 1)]
+    topics: u32,
     /// Directory to create the store in (a fresh temporary directory inside it).
     #[arg(long, default_value = ".")]
     dir: std::path::PathBuf,
@@ -38,10 +45,17 @@ pub(crate) struct FillArgs {
     log_size: u64,
     #[arg(long, value_parser = parse_size)]
     size: u64,
+    #[arg(long)]
+    topics: u32,
 }
+
+const QUEUES_PER_TOPIC: u32 = 8;
+
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 fn options() -> StoreOptions {
     StoreOptions {
+        checkpoint_interval: CHECKPOINT_INTERVAL,
         flush: FlushMode::Async {
             interval: Duration::from_millis(200),
         },
@@ -51,6 +65,20 @@ fn options() -> StoreOptions {
 }
 
 pub(crate) fn run(args: &RecoveryArgs) -> anyhow::Result<()> {
+    // The filling process maps a file for every queue (and the kernel's default allows 65,530
+    // mappings per process, which RocketMQ and Kafka also ask operators to raise).
+    let mappings_needed = u64::from(args.topics.max(1) * QUEUES_PER_TOPIC) + 1_000;
+    let max_map_count: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    anyhow::ensure!(
+        max_map_count >= mappings_needed,
+        "{} queues need vm.max_map_count >= {mappings_needed} (it is {max_map_count}): \
+         sysctl -w vm.max_map_count={}",
+        args.topics.max(1) * QUEUES_PER_TOPIC,
+        mappings_needed.next_power_of_two()
+    );
     let dir = tempfile::tempdir_in(&args.dir)?;
     let mut child = Command::new(std::env::current_exe()?)
         .arg("recovery-fill")
@@ -60,6 +88,8 @@ pub(crate) fn run(args: &RecoveryArgs) -> anyhow::Result<()> {
         .arg(args.log_size.to_string())
         .arg("--size")
         .arg(args.size.to_string())
+        .arg("--topics")
+        .arg(args.topics.to_string())
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child
@@ -79,11 +109,23 @@ pub(crate) fn run(args: &RecoveryArgs) -> anyhow::Result<()> {
     let open_time = started.elapsed();
     let recovery = store.recovery().clone();
     let log_bytes = store.log().written_pos().0;
+    store.close()?;
+    drop(store);
+    let started = Instant::now();
+    let store = MessageStore::open(dir.path(), options())?;
+    let clean_open_time = started.elapsed();
+    anyhow::ensure!(
+        store.recovery().clean_shutdown,
+        "the second open did not find a clean shutdown"
+    );
     drop(store);
     let mut report = Report::default();
     report
         .add("log_bytes", log_bytes)
+        .add("topics", args.topics)
+        .add("queues", args.topics.max(1) * QUEUES_PER_TOPIC)
         .add("open_ms", open_time.as_secs_f64() * 1e3)
+        .add("clean_open_ms", clean_open_time.as_secs_f64() * 1e3)
         .add("clean_shutdown", recovery.clean_shutdown)
         .add("checkpoint_pos", recovery.checkpoint.dispatched.0)
         .add(
@@ -96,19 +138,26 @@ pub(crate) fn run(args: &RecoveryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The child: appends until the log passes `log_size`, says so, and goes on appending.
+/// The child: appends until the log passes `log_size` and every queue of every topic holds a
+/// message, says so, and goes on appending.
 pub(crate) fn fill(args: &FillArgs) -> anyhow::Result<()> {
     let store = MessageStore::open(&args.dir, options())?;
     let body = vec![0x5Au8; usize::try_from(args.size)?];
     let host = "127.0.0.1:1".parse()?;
+    let topics: Vec<String> = (0..args.topics.max(1))
+        .map(|t| format!("recovery-{t}"))
+        .collect();
+    let queues = u64::from(args.topics.max(1) * QUEUES_PER_TOPIC);
     let mut announced = false;
+    let mut all_queues_written = None;
     for i in 0u64.. {
         let properties = Properties::new()
             .with("UNIQ_KEY", &format!("{i:032X}"))?
             .with("TAGS", "recovery")?;
+        let queue = i % queues;
         store.append(&NewRecord {
-            topic: "recovery",
-            queue_id: (i % 16) as u32,
+            topic: &topics[usize::try_from(queue / u64::from(QUEUES_PER_TOPIC))?],
+            queue_id: u32::try_from(queue % u64::from(QUEUES_PER_TOPIC))?,
             message_type: MessageType::Normal,
             born_timestamp_ms: 0,
             born_host: host,
@@ -116,7 +165,14 @@ pub(crate) fn fill(args: &FillArgs) -> anyhow::Result<()> {
             body: &body,
             term_index: TermIndex::default(),
         })?;
-        if !announced && store.log().written_pos().0 >= args.log_size {
+        if i == queues {
+            all_queues_written = Some(Instant::now());
+        }
+        // A store that has run for a while has checkpointed within the last interval: wait for
+        // the dispatcher's checkpoint after the last queue got its first message.
+        let checkpointed = all_queues_written
+            .is_some_and(|at| at.elapsed() >= CHECKPOINT_INTERVAL + Duration::from_millis(500));
+        if !announced && checkpointed && store.log().written_pos().0 >= args.log_size {
             announced = true;
             let mut out = std::io::stdout().lock();
             writeln!(out, "FILLED")?;

@@ -17,7 +17,8 @@ use crate::fs::FileSystem;
 pub(crate) struct MappedFile {
     base: u64,
     path: PathBuf,
-    file: File,
+    /// `None` once released (`release_descriptor`): the mapping needs no descriptor.
+    file: Option<File>,
     map: MmapRaw,
 }
 
@@ -34,6 +35,15 @@ impl MappedFile {
         size_bytes: u64,
         fs: &dyn FileSystem,
     ) -> Result<MappedFile> {
+        let created = MappedFile::create_unsynced(dir, base, size_bytes)?;
+        created.sync_data(fs).at(&created.path)?;
+        fs.sync_dir(dir).at(dir)?;
+        Ok(created)
+    }
+
+    /// Creates a new zero-filled file, leaving its size and name to be made durable by the
+    /// caller (a consume queue's syncs at the next checkpoint do both).
+    pub(crate) fn create_unsynced(dir: &Path, base: u64, size_bytes: u64) -> Result<MappedFile> {
         let path = dir.join(MappedFile::file_name(base));
         let file = OpenOptions::new()
             .read(true)
@@ -42,8 +52,6 @@ impl MappedFile {
             .open(&path)
             .at(&path)?;
         file.set_len(size_bytes).at(&path)?;
-        fs.sync_file_data(&file).at(&path)?;
-        fs.sync_dir(dir).at(dir)?;
         MappedFile::map(path, file, base)
     }
 
@@ -87,8 +95,34 @@ impl MappedFile {
         Ok(MappedFile {
             base,
             path,
-            file,
+            file: Some(file),
             map,
+        })
+    }
+
+    /// Tells the kernel not to read around a page fault in this file. A consume-queue file is
+    /// mostly a hole that is written 32 bytes at a time; without this, the first write to a
+    /// queue faults in (and zeroes) a whole read-ahead window of it.
+    pub(crate) fn advise_random(&self) {
+        if let Err(error) = self.map.advise(memmap2::Advice::Random) {
+            tracing::debug!(path = %self.path.display(), %error, "could not advise random access");
+        }
+    }
+
+    /// Closes the file's descriptor and keeps only the mapping, which reads, writes through
+    /// the mapping and `sync` still work on. Consume queues do this, so that a store of
+    /// 80,000 queues does not hold 80,000 descriptors; `write_at`, `sync_data`,
+    /// `discard_from` and `modified` fail afterwards.
+    pub(crate) fn release_descriptor(&mut self) {
+        self.file = None;
+    }
+
+    fn descriptor(&self) -> std::io::Result<&File> {
+        self.file.as_ref().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "the file's descriptor was released; only its mapping is kept",
+            )
         })
     }
 
@@ -154,7 +188,7 @@ impl MappedFile {
             offset + bytes.len() <= self.map.len(),
             "file write out of bounds"
         );
-        self.file.write_all_at(bytes, offset as u64)
+        self.descriptor()?.write_all_at(bytes, offset as u64)
     }
 
     /// Faults in the pages of `[from, to)` for writing in one system call, so a writer that
@@ -182,7 +216,7 @@ impl MappedFile {
 
     /// Makes every written byte of the file durable (fdatasync).
     pub(crate) fn sync_data(&self, fs: &dyn FileSystem) -> std::io::Result<()> {
-        fs.sync_file_data(&self.file)
+        fs.sync_file_data(self.descriptor()?)
     }
 
     /// Makes bytes `[from, to)` durable.
@@ -197,16 +231,76 @@ impl MappedFile {
     /// dropped bytes read as zeros, and the cut is made durable.
     pub(crate) fn discard_from(&self, offset: usize, fs: &dyn FileSystem) -> Result<()> {
         let size = self.map.len() as u64;
-        self.file.set_len(offset as u64).at(&self.path)?;
-        self.file.set_len(size).at(&self.path)?;
-        fs.sync_file_data(&self.file).at(&self.path)
+        let file = self.descriptor().at(&self.path)?;
+        file.set_len(offset as u64).at(&self.path)?;
+        file.set_len(size).at(&self.path)?;
+        fs.sync_file_data(file).at(&self.path)
     }
 
     /// The file's last modification time, for age-based retention.
     pub(crate) fn modified(&self) -> Result<std::time::SystemTime> {
-        self.file
-            .metadata()
+        self.descriptor()
+            .and_then(File::metadata)
             .and_then(|m| m.modified())
             .at(&self.path)
     }
+}
+
+/// Whether any byte of `file` from `from` on is not zero. Reads the rest of the page holding
+/// `from`, then asks the file system where data lies beyond it (`SEEK_DATA`), so the holes of
+/// a sparse file cost nothing; after a few pages of data it answers yes without reading on.
+pub(crate) fn holds_data_from(file: &File, from: u64) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = 4096;
+    const PAGES_READ: usize = 16;
+    let len = file.metadata()?.len();
+    let mut page = vec![0u8; PAGE as usize];
+    let mut at = from;
+    for _ in 0..PAGES_READ {
+        if at >= len {
+            return Ok(false);
+        }
+        let page_end = (at / PAGE + 1) * PAGE;
+        let chunk = &mut page[..usize::try_from(page_end.min(len) - at).unwrap_or(0)];
+        file.read_exact_at(chunk, at)?;
+        if chunk.iter().any(|&byte| byte != 0) {
+            return Ok(true);
+        }
+        match seek(file, page_end, libc::SEEK_DATA) {
+            Ok(Some(data)) => at = data,
+            Ok(None) => return Ok(false),
+            // The file system cannot say where data lies: assume there is some.
+            Err(_) => return Ok(true),
+        }
+    }
+    Ok(true)
+}
+
+/// Where the file's first hole begins (its length if it has none, or if the file system
+/// cannot say).
+pub(crate) fn data_end(file: &File) -> std::io::Result<u64> {
+    match seek(file, 0, libc::SEEK_HOLE) {
+        Ok(Some(hole)) => Ok(hole),
+        Ok(None) | Err(_) => Ok(file.metadata()?.len()),
+    }
+}
+
+/// `lseek` to `offset` with `whence` (`SEEK_DATA` or `SEEK_HOLE`); `None` when the file has
+/// nothing of that kind past `offset` (ENXIO).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a descriptor the caller borrows to us; it moves only the file offset,
+    // which nothing in this crate relies on (reads and writes are positioned).
+    #[allow(unsafe_code)]
+    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if found < 0 {
+        let error = std::io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(error),
+        };
+    }
+    Ok(u64::try_from(found).ok())
 }

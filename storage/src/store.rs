@@ -59,7 +59,7 @@ struct Inner {
     dir: PathBuf,
     options: StoreOptions,
     log: CommitLog,
-    queues: ConsumeQueues,
+    queues: Arc<ConsumeQueues>,
     index: MessageIndex,
     cursor: Mutex<DispatchCursor>,
     dispatched: AtomicU64,
@@ -109,12 +109,16 @@ impl MessageStore {
             );
         }
         let boundary = scan.valid_end.min(checkpoint.dispatched);
-        let queues = ConsumeQueues::open(
+        // After a clean stop with the log whole, no queue holds an entry at or past the
+        // boundary, and no queue file needs to be looked at before it is used.
+        let trusted = checkpoint.clean && scan.valid_end >= checkpoint.dispatched;
+        let queues = Arc::new(ConsumeQueues::open(
             dir.join("consumequeue"),
             options.queue_entries_per_file,
             fs.clone(),
             boundary,
-        )?;
+            trusted,
+        )?);
         let index = MessageIndex::open(
             dir.join("index"),
             options.index_shape,
@@ -122,12 +126,14 @@ impl MessageStore {
             boundary,
             checkpoint.clean,
         )?;
-        log.seed_queue_offsets(
-            queues
-                .all()
-                .iter()
-                .map(|q| (q.topic().to_owned(), q.queue_id(), q.max_offset().0)),
-        );
+        {
+            let queues = queues.clone();
+            log.set_first_queue_offsets(move |topic, queue_id| {
+                Ok(queues
+                    .get(topic, queue_id)?
+                    .map_or(0, |queue| queue.max_offset().0))
+            });
+        }
         let min_pos = log.min_pos();
         let start = boundary.max(min_pos);
         // Mark the run unclean before anything derived changes, so a crash during recovery is
@@ -214,7 +220,8 @@ impl MessageStore {
         self.inner.log.append(record)
     }
 
-    /// Appends records in order under one lock, all or none; see `CommitLog::append_batch`.
+    /// Appends records in order under one lock; see `CommitLog::append_batch` for what a
+    /// failure leaves.
     pub fn append_batch(&self, records: &[NewRecord<'_>], out: &mut Vec<Appended>) -> Result<()> {
         self.wait_for_dispatcher();
         self.inner.log.append_batch(records, out)
@@ -240,8 +247,16 @@ impl MessageStore {
         self.inner.log.read(pos)
     }
 
+    /// A topic's queue, mapped on its first use; `None` if it never had an entry (or its files
+    /// cannot be mapped, which is logged).
     pub fn consume_queue(&self, topic: &str, queue_id: u32) -> Option<Arc<ConsumeQueue>> {
-        self.inner.queues.get(topic, queue_id)
+        self.inner
+            .queues
+            .get(topic, queue_id)
+            .unwrap_or_else(|error| {
+                tracing::error!(%error, topic, queue_id, "could not open a consume queue");
+                None
+            })
     }
 
     /// The record at `offset` of a topic's queue. A record appended moments ago may not be
@@ -267,7 +282,8 @@ impl MessageStore {
         })
     }
 
-    pub fn consume_queues(&self) -> Vec<Arc<ConsumeQueue>> {
+    /// Every consume queue, each mapped: for listings and tests, not for a hot path.
+    pub fn consume_queues(&self) -> Result<Vec<Arc<ConsumeQueue>>> {
         self.inner.queues.all()
     }
 
@@ -436,10 +452,14 @@ impl Inner {
         self.cursor.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The dispatcher thread. A failed step (a queue or index write, a checkpoint's msync or
+    /// fsync, retention) stops the node: the log is failed, so appends are refused and waiters
+    /// released with an error, and the thread ends. It never retries: after a failed fsync
+    /// the kernel may have dropped the dirty pages, and a later fsync that succeeds would
+    /// checkpoint what was never written.
     fn run_dispatcher(&self) {
         let mut last_checkpoint = Instant::now();
         let mut last_housekeeping = Instant::now();
-        let mut failed = false;
         let mut seen = LogPos::ZERO;
         while !self.stopping.load(Ordering::Acquire) {
             let result = (|| -> Result<()> {
@@ -468,18 +488,17 @@ impl Inner {
                 drop(cursor);
                 if last_housekeeping.elapsed() >= self.options.housekeeping_interval {
                     last_housekeeping = Instant::now();
-                    self.check_disk_usage()?;
+                    if let Err(error) = self.check_disk_usage() {
+                        tracing::warn!(%error, "could not read disk usage");
+                    }
                     self.run_retention(SystemTime::now())?;
                 }
                 Ok(())
             })();
-            match result {
-                Ok(()) => failed = false,
-                Err(error) if !failed => {
-                    failed = true;
-                    tracing::error!(%error, "dispatcher step failed; retrying");
-                }
-                Err(_) => {}
+            if let Err(error) = result {
+                tracing::error!(%error, "dispatcher failed; the store stops accepting appends");
+                self.log.fail_stop(format!("dispatcher failed: {error}"));
+                return;
             }
             let wait = self
                 .options
@@ -522,9 +541,9 @@ impl Inner {
                 Some(q) if q.queue_id() == view.queue_id && q.topic() == view.topic => {
                     queue.insert(q)
                 }
-                _ => queue.insert(self.queues.get_or_create(view.topic, view.queue_id)),
+                _ => queue.insert(self.queues.get_or_create(view.topic, view.queue_id)?),
             };
-            queue.put(view.queue_offset, &entry)?;
+            self.queues.put(queue, view.queue_offset, &entry)?;
             if !index_keys.is_empty() {
                 self.index
                     .add(index_keys.iter().copied(), pos, view.store_timestamp_ms)?;
@@ -558,6 +577,10 @@ impl Inner {
     /// The checkpoint, in order: (1) for a clean one only, flush the commit log, (2) fsync
     /// consume queues, (3) fsync the index, (4) write and fdatasync the checkpoint.
     fn checkpoint(&self, cursor: &mut DispatchCursor, clean: bool) -> Result<()> {
+        // After a failure nothing is made to look durable: the next open recovers instead.
+        if let Some(reason) = self.log.failure() {
+            return Err(Error::Poisoned { reason });
+        }
         let dispatched = cursor.pos;
         // Only a clean checkpoint needs the log flushed. Otherwise the log may be durable
         // short of `dispatched` (in `async` mode): after an operating-system crash recovery

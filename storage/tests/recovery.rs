@@ -19,6 +19,7 @@ use proptest::prelude::*;
 fn all_entries(store: &MessageStore) -> BTreeMap<(String, u32), Vec<ConsumeQueueEntry>> {
     store
         .consume_queues()
+        .unwrap()
         .into_iter()
         .map(|q| {
             let mut entries = Vec::new();

@@ -53,7 +53,7 @@ fn retention_deletes_old_segments_but_never_the_active_one_and_trims_queues() {
     assert!(store.read(appended[399].pos).is_ok());
 
     // Every consume queue now starts at its first message still in the log.
-    for queue in store.consume_queues() {
+    for queue in store.consume_queues().unwrap() {
         if let Some(first) = queue.get(queue.min_offset()) {
             assert!(first.log_pos >= report.min_pos);
             assert!(store.read(first.log_pos).is_ok());
@@ -65,7 +65,7 @@ fn retention_deletes_old_segments_but_never_the_active_one_and_trims_queues() {
     drop(store);
     let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
     assert!(store.log().min_pos() > LogPos::ZERO);
-    for queue in store.consume_queues() {
+    for queue in store.consume_queues().unwrap() {
         if let Some(first) = queue.get(queue.min_offset()) {
             assert!(store.read(first.log_pos).is_ok());
         }
@@ -133,4 +133,49 @@ fn a_failed_flush_makes_the_log_refuse_appends_and_fail_waiters() {
     let store = MessageStore::open(dir.path(), options_with(fs)).unwrap();
     assert!(store.read(durable[4].pos).is_ok());
     append_all(&store, 6..7, 100);
+}
+
+#[test]
+fn a_failed_checkpoint_msync_stops_dispatch_and_appends() {
+    // A dispatcher that retried after a failed msync could write a checkpoint over entries the
+    // kernel never wrote: the failure must stop the store as a failed log flush does.
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FaultyFs::default());
+    let store = MessageStore::open(dir.path(), options_with(fs.clone())).unwrap();
+    let durable = append_all(&store, 0..3, 100);
+    assert!(store.wait_dispatched(durable[2].end(), Duration::from_secs(5)));
+
+    let message = TestMessage::new(3, 100);
+    let appended = store.append(&message.record()).unwrap();
+    store.durable(appended.end()).wait().unwrap();
+    fs.fail_mapped_sync.store(true, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.log().failure().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reason = store.log().failure().unwrap();
+    assert!(reason.contains("dispatcher"), "{reason}");
+    assert!(matches!(store.checkpoint(), Err(Error::Poisoned { .. })));
+    assert!(matches!(
+        store.append(&TestMessage::new(4, 100).record()),
+        Err(Error::Poisoned { .. })
+    ));
+    // Dispatch stays where it stopped, even once the disk is well again.
+    fs.fail_mapped_sync.store(false, Ordering::SeqCst);
+    let stopped_at = store.dispatched_pos();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(store.dispatched_pos(), stopped_at);
+
+    drop(store);
+    let store = MessageStore::open(dir.path(), options_with(fs)).unwrap();
+    assert!(store.read(durable[2].pos).is_ok());
+    assert!(
+        store.read(appended.pos).is_ok(),
+        "it was durable before the failure"
+    );
+    append_all(&store, 5..6, 100);
 }

@@ -85,7 +85,11 @@ pub struct CommitLog {
     shared: Arc<Shared>,
     /// The flusher and the segment preparer.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// See [`CommitLog::set_first_queue_offsets`].
+    first_queue_offsets: OnceLock<FirstQueueOffsets>,
 }
+
+type FirstQueueOffsets = Box<dyn Fn(&str, u32) -> Result<u64> + Send + Sync>;
 
 struct Shared {
     dir: PathBuf,
@@ -221,6 +225,7 @@ impl CommitLog {
         let log = CommitLog {
             shared,
             threads: Mutex::new(vec![flusher, preparer]),
+            first_queue_offsets: OnceLock::new(),
         };
         Ok((log, outcome))
     }
@@ -236,8 +241,11 @@ impl CommitLog {
         Ok(appended)
     }
 
-    /// Appends records in order, all or none: a record that breaks a limit fails the whole
-    /// batch before anything is written.
+    /// Appends records in order under one lock. A record that breaks a limit (too large, not
+    /// encodable) fails the batch before anything is written. A later failure (a segment that
+    /// cannot be rolled or written, a poisoned log) stops at that record: the records before
+    /// it stay written with their queue offsets, are listed in `out`, and the error is
+    /// returned.
     pub fn append_batch(&self, records: &[NewRecord<'_>], out: &mut Vec<Appended>) -> Result<()> {
         let mut lens = Vec::with_capacity(records.len());
         for record in records {
@@ -385,6 +393,12 @@ impl CommitLog {
         self.shared.durability.failure()
     }
 
+    /// Stops the log as a failed flush does: appends are refused and every waiter not yet
+    /// released gets `Error::Poisoned`. For failures found outside the log (the dispatcher's).
+    pub(crate) fn fail_stop(&self, reason: String) {
+        self.shared.durability.fail(reason);
+    }
+
     /// Removes the records from `from` on, which must not have been dispatched (the caller
     /// checks). Used by a replication layer to drop an uncommitted suffix that lost an
     /// election. Waiters for the removed records get `Error::Truncated`.
@@ -500,17 +514,14 @@ impl CommitLog {
         self.shared.listener_parked.store(false, Ordering::SeqCst);
     }
 
-    pub(crate) fn seed_queue_offsets(&self, offsets: impl IntoIterator<Item = (String, u32, u64)>) {
-        let mut writer = self.lock_writer();
-        for (topic, queue_id, next) in offsets {
-            let slot = writer
-                .next_offsets
-                .entry(topic)
-                .or_default()
-                .entry(queue_id)
-                .or_insert(0);
-            *slot = (*slot).max(next);
-        }
+    /// Where the log learns a queue's next offset when it first appends to a queue that the
+    /// recovered tail did not name (the consume queue's end; without this, 0). Called under
+    /// the writer lock.
+    pub(crate) fn set_first_queue_offsets(
+        &self,
+        source: impl Fn(&str, u32) -> Result<u64> + Send + Sync + 'static,
+    ) {
+        let _ = self.first_queue_offsets.set(Box::new(source));
     }
 
     /// Flushes what was written, stops the flusher, and waits for it.
@@ -551,19 +562,27 @@ impl CommitLog {
         if writer.offset + len > writer.active.len() {
             self.roll(writer)?;
         }
-        let queue_offset = {
-            let next = match writer.next_offsets.get_mut(record.topic) {
-                Some(queues) => queues.entry(record.queue_id).or_insert(0),
-                None => writer
+        let next = writer
+            .next_offsets
+            .get_mut(record.topic)
+            .and_then(|queues| queues.get_mut(&record.queue_id));
+        let queue_offset = match next {
+            Some(next) => {
+                *next += 1;
+                QueueOffset(*next - 1)
+            }
+            None => {
+                let first = match self.first_queue_offsets.get() {
+                    Some(source) => source(record.topic, record.queue_id)?,
+                    None => 0,
+                };
+                writer
                     .next_offsets
                     .entry(record.topic.to_owned())
                     .or_default()
-                    .entry(record.queue_id)
-                    .or_insert(0),
-            };
-            let offset = QueueOffset(*next);
-            *next += 1;
-            offset
+                    .insert(record.queue_id, first + 1);
+                QueueOffset(first)
+            }
         };
         let store_timestamp_ms = now_ms().max(writer.last_store_timestamp_ms);
         writer.last_store_timestamp_ms = store_timestamp_ms;

@@ -86,6 +86,8 @@ pub fn snapshot_dir(from: &Path, to: &Path) {
 #[derive(Default)]
 pub struct FaultyFs {
     pub fail_flush: AtomicBool,
+    /// Fails only msyncs of mapped files (the dispatcher's consume-queue and index flushes).
+    pub fail_mapped_sync: AtomicBool,
     /// Used fraction in per-mille; 0 means "ask the real file system".
     pub used_per_mille: AtomicU64,
     pub flush_calls: AtomicU64,
@@ -94,7 +96,7 @@ pub struct FaultyFs {
 impl FileSystem for FaultyFs {
     fn sync_mapped_range(&self, map: &MmapRaw, offset: usize, len: usize) -> std::io::Result<()> {
         self.flush_calls.fetch_add(1, Ordering::Relaxed);
-        if self.fail_flush.load(Ordering::SeqCst) {
+        if self.fail_flush.load(Ordering::SeqCst) || self.fail_mapped_sync.load(Ordering::SeqCst) {
             return Err(std::io::Error::from_raw_os_error(5)); // EIO
         }
         RealFileSystem.sync_mapped_range(map, offset, len)
