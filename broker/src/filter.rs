@@ -22,7 +22,19 @@ pub enum Filter {
 }
 
 impl Filter {
-    pub fn parse(filter_type: FilterType, expression: &str) -> ApiResult<Filter> {
+    /// Reads a filter expression. `filter_type` is the wire's `FilterType` number: TAG, SQL,
+    /// or UNSPECIFIED (read as TAG, as RocketMQ's proxy does); any other is refused, naming the
+    /// field, rather than guessed.
+    pub fn parse(filter_type: i32, expression: &str) -> ApiResult<Filter> {
+        let Ok(filter_type) = FilterType::try_from(filter_type) else {
+            return Err(ApiError::new(
+                Code::IllegalFilterExpression,
+                format!(
+                    "filter_expression.type {filter_type} is not a known FilterType \
+                     (TAG = 1, SQL = 2)"
+                ),
+            ));
+        };
         match filter_type {
             FilterType::Tag | FilterType::Unspecified => Filter::tags(expression),
             FilterType::Sql => sql::parse(expression).map(Filter::Sql).map_err(|reason| {
@@ -556,22 +568,35 @@ mod tests {
     }
 
     fn sql(expr: &str, pairs: &[(&str, &str)]) -> bool {
-        Filter::parse(FilterType::Sql, expr)
+        Filter::parse(FilterType::Sql as i32, expr)
             .unwrap()
             .matches(&props(pairs).as_ref())
     }
 
     #[test]
     fn tag_expressions() {
-        let f = Filter::parse(FilterType::Tag, "a || b").unwrap();
+        let f = Filter::parse(FilterType::Tag as i32, "a || b").unwrap();
         assert!(f.matches(&props(&[("TAGS", "a")]).as_ref()));
         assert!(f.matches(&props(&[("TAGS", "b")]).as_ref()));
         assert!(!f.matches(&props(&[("TAGS", "c")]).as_ref()));
         assert!(!f.matches(&props(&[]).as_ref()));
         assert!(f.may_match(tag_hash("a")) && !f.may_match(tag_hash("c")));
-        assert_eq!(Filter::parse(FilterType::Tag, "*").unwrap(), Filter::All);
-        assert_eq!(Filter::parse(FilterType::Tag, "").unwrap(), Filter::All);
-        assert!(Filter::parse(FilterType::Tag, "a || ").is_err());
+        assert_eq!(
+            Filter::parse(FilterType::Tag as i32, "*").unwrap(),
+            Filter::All
+        );
+        assert_eq!(
+            Filter::parse(FilterType::Tag as i32, "").unwrap(),
+            Filter::All
+        );
+        assert!(Filter::parse(FilterType::Tag as i32, "a || ").is_err());
+        assert_eq!(
+            Filter::parse(FilterType::Unspecified as i32, "*").unwrap(),
+            Filter::All
+        );
+        let unknown = Filter::parse(7, "*").unwrap_err();
+        assert_eq!(unknown.code, Code::IllegalFilterExpression);
+        assert!(unknown.message.contains("filter_expression.type 7"));
     }
 
     #[test]
@@ -604,18 +629,18 @@ mod tests {
         for bad in [
             "", "a >", "a = 'x", "a IN ()", "(a = 1", "a = 1 b", "a NOT 3", "a # 1",
         ] {
-            let err = Filter::parse(FilterType::Sql, bad).unwrap_err();
+            let err = Filter::parse(FilterType::Sql as i32, bad).unwrap_err();
             assert_eq!(err.code, Code::IllegalFilterExpression, "{bad}");
             assert!(err.message.contains("filter_expression"), "{}", err.message);
         }
         let deep = format!("{}a = 1{}", "(".repeat(200), ")".repeat(200));
-        assert!(Filter::parse(FilterType::Sql, &deep).is_err());
+        assert!(Filter::parse(FilterType::Sql as i32, &deep).is_err());
     }
 
     proptest! {
         #[test]
         fn the_sql_parser_never_panics(input in "[ a-z0-9'()<>=,.-]{0,60}|(AND|OR|NOT|IN|IS|NULL|BETWEEN| |a|1|'x'|\\(|\\)|=|,){0,30}") {
-            if let Ok(filter) = Filter::parse(FilterType::Sql, &input) {
+            if let Ok(filter) = Filter::parse(FilterType::Sql as i32, &input) {
                 let _ = filter.matches(&props(&[("a", "1")]).as_ref());
             }
         }

@@ -11,9 +11,7 @@ use ferrumq_nameserver::RouteTable;
 use ferrumq_nameserver::session::{SettingsPolicy, TelemetrySender};
 use ferrumq_protocol::cluster::{BrokerRegistration, TopicRoute};
 use ferrumq_protocol::frame::EncodedMessage;
-use ferrumq_protocol::v2::{
-    self, Code, FilterType, MessageQueue, QueryOffsetPolicy, SendResultEntry, Status,
-};
+use ferrumq_protocol::v2::{self, Code, MessageQueue, QueryOffsetPolicy, SendResultEntry, Status};
 use ferrumq_storage::{
     Appended, LogPos, MessageStore, MessageType, NewRecord, QueueOffset, StoredRecord, TermIndex,
 };
@@ -44,7 +42,8 @@ pub enum Routes {
 pub struct ReceiveRequest<'a> {
     pub group: &'a str,
     pub topic: &'a str,
-    pub filter_type: FilterType,
+    /// The wire's `FilterType` number, checked by `Filter::parse`.
+    pub filter_type: i32,
     pub filter_expression: &'a str,
     pub batch_size: i32,
     pub invisible: Option<&'a prost_types::Duration>,
@@ -63,7 +62,8 @@ pub struct PullRequest<'a> {
     pub queue_id: i32,
     pub offset: i64,
     pub batch_size: i32,
-    pub filter: Option<(FilterType, &'a str)>,
+    /// The wire's `FilterType` number and the expression.
+    pub filter: Option<(i32, &'a str)>,
     pub long_polling: Option<&'a prost_types::Duration>,
     pub digest: BodyDigest,
 }

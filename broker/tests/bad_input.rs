@@ -15,8 +15,8 @@ use std::time::Duration;
 use common::{consumer, create_group, producer, resource, start, tag};
 use ferrumq_protocol::v2::messaging_service_client::MessagingServiceClient;
 use ferrumq_protocol::v2::{
-    AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, Code, Message, MessageType,
-    SendMessageRequest, SystemProperties,
+    AckMessageEntry, AckMessageRequest, ChangeInvisibleDurationRequest, ClientType, Code, Message,
+    MessageType, SendMessageRequest, SystemProperties,
 };
 use rocketmq::model::message::MessageBuilder;
 use tonic::transport::Channel;
@@ -30,6 +30,7 @@ async fn receive_status(
     client: &mut MessagingServiceClient<Channel>,
     group: &str,
     batch_size: i32,
+    filter_expression: Option<ferrumq_protocol::v2::FilterExpression>,
 ) -> ferrumq_protocol::v2::Status {
     let mut stream = client
         .receive_message(client_call(ferrumq_protocol::v2::ReceiveMessageRequest {
@@ -38,7 +39,7 @@ async fn receive_status(
                 topic: resource("t"),
                 ..Default::default()
             }),
-            filter_expression: None,
+            filter_expression,
             batch_size,
             invisible_duration: Some(prost_types::Duration {
                 seconds: 30,
@@ -286,7 +287,7 @@ async fn every_bad_send_has_its_code_names_the_field_and_stores_nothing() {
     assert!(broker.running.broker.metadata.topic("unknown").is_none());
 
     // With group auto-creation off, an unknown group cannot receive.
-    let status = receive_status(&mut client, "nobody", 32).await;
+    let status = receive_status(&mut client, "nobody", 32, None).await;
     assert_eq!(
         status.code,
         Code::ConsumerGroupNotFound as i32,
@@ -460,16 +461,60 @@ async fn bad_receipt_handles_and_invisible_durations_are_refused() {
     );
 
     // Receive requests with a bad batch size or group name: one status frame naming the field.
-    for (group, batch_size, code, field) in [
-        ("g", 0, Code::BadRequest, "batch_size"),
+    // A filter type the protocol does not have is refused, not read as a tag expression.
+    let unknown_filter = ferrumq_protocol::v2::FilterExpression {
+        r#type: 7,
+        expression: "*".into(),
+    };
+    for (group, batch_size, filter, code, field) in [
+        ("g", 0, None, Code::BadRequest, "batch_size"),
         (
             "bad group",
             32,
+            None,
+            Code::IllegalConsumerGroup,
+            "consumer group",
+        ),
+        (
+            "g",
+            32,
+            Some(unknown_filter),
+            Code::IllegalFilterExpression,
+            "filter_expression.type",
+        ),
+    ] {
+        let status = receive_status(&mut client, group, batch_size, filter).await;
+        assert_eq!(status.code, code as i32, "{}", status.message);
+        assert!(status.message.contains(field), "{}", status.message);
+    }
+
+    // A heartbeat's client type and group are checked too; a producer names no group.
+    for (group, client_type, code, field) in [
+        (None, ClientType::Producer as i32, Code::Ok, ""),
+        (
+            resource("g"),
+            ClientType::SimpleConsumer as i32,
+            Code::Ok,
+            "",
+        ),
+        (None, 99, Code::UnrecognizedClientType, "client_type 99"),
+        (
+            resource("bad group"),
+            ClientType::PushConsumer as i32,
             Code::IllegalConsumerGroup,
             "consumer group",
         ),
     ] {
-        let status = receive_status(&mut client, group, batch_size).await;
+        let status = client
+            .heartbeat(client_call(ferrumq_protocol::v2::HeartbeatRequest {
+                group,
+                client_type,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
         assert_eq!(status.code, code as i32, "{}", status.message);
         assert!(status.message.contains(field), "{}", status.message);
     }

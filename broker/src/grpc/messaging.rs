@@ -10,22 +10,24 @@ use ferrumq_protocol::frame::{Frame, PullFrame, ReceiveFrame};
 use ferrumq_protocol::send::SendRequest;
 use ferrumq_protocol::v2::messaging_service_server::MessagingService;
 use ferrumq_protocol::v2::{
-    ChangeInvisibleDurationRequest, ChangeInvisibleDurationResponse, Code, EndTransactionRequest,
-    EndTransactionResponse, FilterType, ForwardMessageToDeadLetterQueueRequest,
-    ForwardMessageToDeadLetterQueueResponse, GetOffsetRequest, GetOffsetResponse, HeartbeatRequest,
-    HeartbeatResponse, NotifyClientTerminationRequest, NotifyClientTerminationResponse,
-    PullMessageRequest, PullMessageResponse, QueryAssignmentRequest, QueryAssignmentResponse,
-    QueryOffsetPolicy, QueryOffsetRequest, QueryOffsetResponse, QueryRouteRequest,
-    QueryRouteResponse, RecallMessageRequest, RecallMessageResponse, ReceiveMessageRequest,
-    ReceiveMessageResponse, Resource, SendMessageResponse, Status, TelemetryCommand,
-    TransactionResolution, UpdateOffsetRequest, UpdateOffsetResponse, pull_message_response,
-    receive_message_response, settings,
+    ChangeInvisibleDurationRequest, ChangeInvisibleDurationResponse, ClientType, Code,
+    EndTransactionRequest, EndTransactionResponse, FilterType,
+    ForwardMessageToDeadLetterQueueRequest, ForwardMessageToDeadLetterQueueResponse,
+    GetOffsetRequest, GetOffsetResponse, HeartbeatRequest, HeartbeatResponse,
+    NotifyClientTerminationRequest, NotifyClientTerminationResponse, PullMessageRequest,
+    PullMessageResponse, QueryAssignmentRequest, QueryAssignmentResponse, QueryOffsetPolicy,
+    QueryOffsetRequest, QueryOffsetResponse, QueryRouteRequest, QueryRouteResponse,
+    RecallMessageRequest, RecallMessageResponse, ReceiveMessageRequest, ReceiveMessageResponse,
+    Resource, SendMessageResponse, Status, TelemetryCommand, TransactionResolution,
+    UpdateOffsetRequest, UpdateOffsetResponse, pull_message_response, receive_message_response,
+    settings,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response};
 
 use crate::error::{ApiError, ApiResult};
 use crate::message::{self, BodyDigest, timestamp};
+use crate::metadata;
 use crate::service::{Broker, PullRequest, ReceiveRequest, now_ms};
 
 pub struct MessagingApi {
@@ -93,7 +95,20 @@ impl MessagingService for MessagingApi {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Reply<HeartbeatResponse> {
-        let result = client_id(&request);
+        let result = client_id(&request).and_then(|_| {
+            let r = request.get_ref();
+            if ClientType::try_from(r.client_type).is_err() {
+                return Err(ApiError::new(
+                    Code::UnrecognizedClientType,
+                    format!("client_type {} is not a known ClientType", r.client_type),
+                ));
+            }
+            // Producers name no group; a consumer's must be a valid group name.
+            match r.group.as_ref().filter(|g| !g.name.is_empty()) {
+                Some(group) => metadata::check_group_name(&group.name),
+                None => Ok(()),
+            }
+        });
         Ok(Response::new(HeartbeatResponse {
             status: Some(status_of(&result)),
         }))
@@ -160,9 +175,7 @@ impl MessagingService for MessagingApi {
                     .receive(ReceiveRequest {
                         group: name(r.group.as_ref()),
                         topic: name(r.message_queue.as_ref().and_then(|q| q.topic.as_ref())),
-                        filter_type: filter
-                            .and_then(|f| FilterType::try_from(f.r#type).ok())
-                            .unwrap_or(FilterType::Tag),
+                        filter_type: filter.map_or(FilterType::Tag as i32, |f| f.r#type),
                         filter_expression: filter.map_or("*", |f| f.expression.as_str()),
                         batch_size: r.batch_size,
                         invisible: r.invisible_duration.as_ref(),
@@ -295,12 +308,10 @@ impl MessagingService for MessagingApi {
             Ok(_) => {
                 let r = request.get_ref();
                 let queue = r.message_queue.as_ref();
-                let filter = r.filter_expression.as_ref().map(|f| {
-                    (
-                        FilterType::try_from(f.r#type).unwrap_or(FilterType::Tag),
-                        f.expression.as_str(),
-                    )
-                });
+                let filter = r
+                    .filter_expression
+                    .as_ref()
+                    .map(|f| (f.r#type, f.expression.as_str()));
                 self.broker
                     .pull(PullRequest {
                         topic: name(queue.and_then(|q| q.topic.as_ref())),
