@@ -338,8 +338,9 @@ impl MappedFile {
 }
 
 /// The number of leading entries among a file's first `slots` that are intact and point below
-/// `boundary`, with `entry` reading a slot. Entries are written in order and made durable before the checkpoint
-/// that covers them, so these form a prefix and a binary search finds its end.
+/// `boundary`, with `entry` reading a slot. Entries are written in order and made durable
+/// before the checkpoint that covers them, so these form a prefix and a binary search finds
+/// its end.
 fn valid_prefix(
     slots: u64,
     boundary: LogPos,
@@ -407,12 +408,22 @@ fn recover_tail(
                 ConsumeQueueEntry::decode(&bytes[at..at + ENTRY_LEN])
             })
         } else {
-            valid_prefix(slots, boundary, |slot| {
+            // A slot that cannot be read is an error, never an entry to cut away.
+            let failure = std::cell::RefCell::new(None);
+            let count = valid_prefix(slots, boundary, |slot| {
                 let mut bytes = [0u8; ENTRY_LEN];
-                file.read_exact_at(&mut bytes, slot * ENTRY_LEN as u64)
-                    .ok()
-                    .and_then(|()| ConsumeQueueEntry::decode(&bytes))
-            })
+                match file.read_exact_at(&mut bytes, slot * ENTRY_LEN as u64) {
+                    Ok(()) => ConsumeQueueEntry::decode(&bytes),
+                    Err(error) => {
+                        failure.borrow_mut().get_or_insert(error);
+                        None
+                    }
+                }
+            });
+            if let Some(error) = failure.into_inner() {
+                return Err(error).at(&path);
+            }
+            count
         };
         if count == 0 && !bases.is_empty() {
             std::fs::remove_file(&path).at(&path)?;
@@ -740,10 +751,11 @@ mod tests {
     use super::*;
     use crate::fs::{DiskUsage, RealFileSystem};
 
-    /// The real file system, counting the files it makes durable.
+    /// The real file system, counting the files it makes durable and naming the directories.
     #[derive(Default)]
     struct CountingFs {
         file_syncs: AtomicUsize,
+        synced_dirs: Mutex<Vec<PathBuf>>,
     }
 
     impl FileSystem for CountingFs {
@@ -755,6 +767,10 @@ mod tests {
             RealFileSystem.sync_file_data(file)
         }
         fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            self.synced_dirs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(dir.to_path_buf());
             RealFileSystem.sync_dir(dir)
         }
         fn disk_usage(&self, path: &Path) -> io::Result<DiskUsage> {
@@ -786,6 +802,43 @@ mod tests {
 
     fn max_offset(queues: &ConsumeQueues, topic: &str) -> QueueOffset {
         queues.get(topic, 0).unwrap().unwrap().max_offset()
+    }
+
+    /// A new queue file is created without an fsync: the checkpoint's flush must sync every
+    /// directory that gained an entry, deepest first, or an OS crash after the checkpoint
+    /// could lose a file whose entries the checkpoint says are dispatched.
+    #[test]
+    fn a_flush_syncs_each_directory_that_gained_an_entry_once_deepest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("consumequeue");
+        let fs = Arc::new(CountingFs::default());
+        let queues = ConsumeQueues::open(root.clone(), 4, fs.clone(), LogPos(0), true).unwrap();
+        fs.synced_dirs.lock().unwrap().clear();
+        // Queue 0 gets two files; queue 1 of the same topic one.
+        let first = queues.get_or_create("t", 0).unwrap();
+        for n in 0..6 {
+            queues
+                .put(&first, QueueOffset(n), &entry_at(n * 100))
+                .unwrap();
+        }
+        let queue = queues.get_or_create("t", 1).unwrap();
+        queues.put(&queue, QueueOffset(0), &entry_at(700)).unwrap();
+        queues.flush().unwrap();
+        let synced = std::mem::take(&mut *fs.synced_dirs.lock().unwrap());
+        let topic = root.join("t");
+        assert_eq!(
+            synced,
+            vec![
+                topic.join("1"),
+                topic.join("0"),
+                topic.clone(),
+                root.clone()
+            ]
+        );
+        // Nothing new: the next flush syncs no directory.
+        queues.put(&queue, QueueOffset(1), &entry_at(800)).unwrap();
+        queues.flush().unwrap();
+        assert!(fs.synced_dirs.lock().unwrap().is_empty());
     }
 
     #[test]

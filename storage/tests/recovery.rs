@@ -311,3 +311,26 @@ fn a_record_whose_crc_matches_but_whose_fields_do_not_is_refused_on_read() {
     }
     assert!(store.read(appended[5].pos).is_ok());
 }
+
+#[test]
+fn appends_after_a_clean_reopen_continue_each_queues_offsets() {
+    // A clean reopen reads no consume queue: the log learns a queue's end on its first
+    // append, from the queue itself. Were it to start again at 0, two messages would share
+    // one queue offset. Message n goes to queue n % 4 of topic n % 3: twelve queues.
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
+    append_all(&store, 0..24, 100);
+    store.close().unwrap();
+    drop(store);
+
+    let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
+    assert!(store.recovery().clean_shutdown);
+    assert_eq!(store.recovery().records_scanned, 0);
+    let next = append_all(&store, 24..36, 100);
+    for appended in &next {
+        assert_eq!(appended.queue_offset, QueueOffset(2));
+    }
+    assert!(store.wait_dispatched(next[11].end(), std::time::Duration::from_secs(5)));
+    let total: usize = all_entries(&store).values().map(Vec::len).sum();
+    assert_eq!(total, 36);
+}
