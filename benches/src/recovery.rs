@@ -2,12 +2,12 @@
 //! stop, by log size and by the number of topics.
 //!
 //! A child process fills a fresh store with 1 KiB records (`async` flush, as fast as the
-//! machine writes) spread over `--topics` topics of 8 queues each, and keeps writing; once the
-//! log reaches `--log-size` and every queue holds a message, it checkpoints (as a store that
-//! has run for a while has, within its last second) and goes on writing; the parent kills it
-//! with SIGKILL mid-write and times `MessageStore::open` on what is left. It then closes the store cleanly
-//! and times one more open. The page cache survives a process crash, so this measures recovery
-//! work, not a cold disk.
+//! machine writes) spread over `--topics` topics of 8 queues each. Once every queue holds a
+//! message it waits for dispatch and checkpoints, as a store that has run for a while with
+//! these topics has, then writes on. Once the log reaches `--log-size` the parent kills it with
+//! SIGKILL mid-write and times `MessageStore::open` on what is left; it then closes the store
+//! cleanly and times one more open. The page cache survives a process crash, so this measures
+//! recovery work, not a cold disk.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -161,12 +161,15 @@ pub(crate) fn fill(args: &FillArgs) -> anyhow::Result<()> {
             body: &body,
             term_index: TermIndex::default(),
         })?;
-        if !announced && i >= queues && store.log().written_pos().0 >= args.log_size {
-            announced = true;
-            // A store that has run for a while has dispatched what it holds and checkpointed
-            // within the last interval.
+        if i + 1 == queues {
+            // Every queue now has its file: dispatch and checkpoint them, as a store that has
+            // run for a while with these topics has. From here on the dispatcher checkpoints
+            // on its own cadence, as in a run with one topic.
             store.wait_dispatched(store.log().written_pos(), Duration::from_secs(600));
             store.checkpoint()?;
+        }
+        if !announced && i >= queues && store.log().written_pos().0 >= args.log_size {
+            announced = true;
             let mut out = std::io::stdout().lock();
             writeln!(out, "FILLED")?;
             out.flush()?;
