@@ -263,6 +263,20 @@ impl Broker {
         }
     }
 
+    /// A client said it is leaving (NotifyClientTermination): the push leases it holds come
+    /// back after `push_lease_release_ms`, as when its Telemetry stream ends, instead of
+    /// waiting out their lease while that stream is still open.
+    pub async fn client_left(&self, client_id: &str) -> ApiResult<()> {
+        let release_ms =
+            i64::try_from(self.config.limits.push_lease_release_ms).unwrap_or(i64::MAX);
+        let end = self
+            .consumers
+            .release_leases_of(client_id, now_ms(), release_ms)?;
+        self.durable(end).await?;
+        self.wake_receivers();
+        Ok(())
+    }
+
     /// Stores a send's messages, all of one topic. Every message is checked before any is
     /// stored; the reply comes once they are durable (sync flush). `names` names the
     /// fields of a refused message in the caller's terms.

@@ -580,24 +580,18 @@ async fn receive_auto_renew(client: &mut Client, client_id: &'static str) -> Vec
     messages
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_leases_are_renewed_while_the_client_is_connected_and_released_when_it_leaves() {
+/// Opens a Telemetry stream as a push consumer of group "push" (its Settings sent); the
+/// broker counts the client as connected while the returned sender and stream live.
+async fn open_push_telemetry(
+    client: &mut Client,
+    client_id: &'static str,
+) -> (
+    tokio::sync::mpsc::Sender<ferrumq_protocol::v2::TelemetryCommand>,
+    tonic::Streaming<ferrumq_protocol::v2::TelemetryCommand>,
+) {
     use ferrumq_protocol::v2::{
         ClientType, Settings, Subscription, TelemetryCommand, settings, telemetry_command,
     };
-    let broker = start(|c| {
-        c.limits.push_lease_ms = 1500;
-        c.limits.push_lease_renew_ahead_ms = 1000;
-        c.limits.push_lease_release_ms = 300;
-    })
-    .await;
-    create_group(broker.addr(), "push", 17).await;
-    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
-        .await
-        .unwrap();
-    send(&mut client, "auto", &["M3"]).await;
-
-    // The push consumer's Telemetry stream marks it as connected.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(TelemetryCommand {
         status: None,
@@ -612,14 +606,34 @@ async fn push_leases_are_renewed_while_the_client_is_connected_and_released_when
     })
     .await
     .unwrap();
-    let mut telemetry = client
+    let telemetry = client
         .telemetry(common::with_client_id(
             tokio_stream::wrappers::ReceiverStream::new(rx),
-            "push@1#1",
+            client_id,
         ))
         .await
         .unwrap()
         .into_inner();
+    (tx, telemetry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_leases_are_renewed_while_the_client_is_connected_and_released_when_it_leaves() {
+    use ferrumq_protocol::v2::{Settings, settings, telemetry_command};
+    let broker = start(|c| {
+        c.limits.push_lease_ms = 1500;
+        c.limits.push_lease_renew_ahead_ms = 1000;
+        c.limits.push_lease_release_ms = 300;
+    })
+    .await;
+    create_group(broker.addr(), "push", 17).await;
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    send(&mut client, "auto", &["M3"]).await;
+
+    // The push consumer's Telemetry stream marks it as connected.
+    let (tx, mut telemetry) = open_push_telemetry(&mut client, "push@1#1").await;
     let reply = telemetry.message().await.unwrap().unwrap();
     assert_eq!(reply.status.unwrap().code, Code::Ok as i32);
     // Push consumers are told RocketMQ's 32, however many a receive may hand out.
@@ -677,6 +691,50 @@ async fn push_leases_are_renewed_while_the_client_is_connected_and_released_when
             break;
         }
     }
+    assert_eq!(again.len(), 1);
+    assert_eq!(attempt(&again[0]), 2);
+    broker.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_client_releases_its_push_leases_at_once() {
+    // NotifyClientTermination comes while the Telemetry stream is still open: without it, the
+    // message a leaving push consumer held would wait out its whole 60 s lease.
+    let broker = start(|c| {
+        c.limits.push_lease_ms = 60_000;
+        c.limits.push_lease_release_ms = 300;
+    })
+    .await;
+    create_group(broker.addr(), "push", 17).await;
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    let (_tx, mut telemetry) = open_push_telemetry(&mut client, "push@1#1").await;
+    let reply = telemetry.message().await.unwrap().unwrap();
+    assert_eq!(reply.status.unwrap().code, Code::Ok as i32);
+    send(&mut client, "auto", &["M5"]).await;
+    assert_eq!(receive_auto_renew(&mut client, "push@1#1").await.len(), 1);
+    assert!(
+        receive_auto_renew(&mut client, "other@1#1")
+            .await
+            .is_empty()
+    );
+
+    let status = client
+        .notify_client_termination(common::with_client_id(
+            NotifyClientTerminationRequest {
+                group: resource("push"),
+            },
+            "push@1#1",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.code, Code::Ok as i32);
+    assert!(broker.running.broker.is_connected("push@1#1"));
+    let again = receive_auto_renew(&mut client, "other@1#1").await;
     assert_eq!(again.len(), 1);
     assert_eq!(attempt(&again[0]), 2);
     broker.running.shutdown().await.unwrap();

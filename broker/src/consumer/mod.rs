@@ -543,6 +543,18 @@ impl ConsumerGroups {
         Ok(end)
     }
 
+    /// Lets go of the auto-renewed (push) leases `client` holds, as if its Telemetry stream
+    /// had ended: each comes back after `release_ms` and is renewed no more.
+    pub fn release_leases_of(
+        &self,
+        client: &str,
+        now_ms: i64,
+        release_ms: i64,
+    ) -> ApiResult<Option<LogPos>> {
+        // Every other owner counts as connected and, with nothing renewed ahead, is left be.
+        self.renew_leases(now_ms, 0, 0, release_ms, |owner| owner != client)
+    }
+
     /// The earliest time a lease of `group` on `topic` ends, to wake a waiting receive.
     pub fn next_lease_end(&self, group: &str, topic: &str) -> Option<i64> {
         let state = self.lock();

@@ -480,8 +480,13 @@ impl MessagingService for MessagingApi {
 
     async fn notify_client_termination(
         &self,
-        _request: Request<NotifyClientTerminationRequest>,
+        request: Request<NotifyClientTerminationRequest>,
     ) -> Reply<NotifyClientTerminationResponse> {
+        if let Ok(client) = client_id(&request)
+            && let Err(error) = self.broker.client_left(&client).await
+        {
+            tracing::warn!(%client, error = %error.message, "releasing a leaving client's leases failed");
+        }
         // Always OK: the Rust client's shutdown() fails on anything else.
         Ok(Response::new(NotifyClientTerminationResponse {
             status: Some(Status::ok()),
