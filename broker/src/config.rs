@@ -47,6 +47,9 @@ pub struct BrokerConfig {
     /// keeps a broker it has not heard from.
     pub heartbeat_interval_ms: u64,
     pub broker_expiry_ms: u64,
+    /// How long one call to a nameserver (registration, route query, connecting included) may
+    /// take before the next nameserver is tried.
+    pub nameserver_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +161,7 @@ impl Default for BrokerConfig {
             timers: TimerSettings::default(),
             heartbeat_interval_ms: 10_000,
             broker_expiry_ms: 30_000,
+            nameserver_timeout_ms: 3_000,
         }
     }
 }
@@ -307,6 +311,9 @@ impl BrokerConfig {
                 "must be above heartbeat_interval_ms, which must be above zero",
             );
         }
+        if self.nameserver_timeout_ms == 0 {
+            return invalid("nameserver_timeout_ms", "must be at least 1");
+        }
         if self.transactions.check_interval_ms == 0 || self.transactions.max_checks == 0 {
             return invalid(
                 "transactions.check_interval_ms",
@@ -345,6 +352,10 @@ impl BrokerConfig {
         Duration::from_millis(self.heartbeat_interval_ms)
     }
 
+    pub fn nameserver_timeout(&self) -> Duration {
+        Duration::from_millis(self.nameserver_timeout_ms)
+    }
+
     pub fn broker_expiry(&self) -> Duration {
         Duration::from_millis(self.broker_expiry_ms)
     }
@@ -358,6 +369,18 @@ mod tests {
     fn the_printed_defaults_parse_back_to_the_defaults() {
         let parsed: BrokerConfig = toml::from_str(&BrokerConfig::default_toml()).unwrap();
         assert_eq!(parsed, BrokerConfig::default());
+    }
+
+    #[test]
+    fn a_zero_nameserver_timeout_is_refused_by_name() {
+        let config = BrokerConfig {
+            nameserver_timeout_ms: 0,
+            ..BrokerConfig::default()
+        };
+        let Err(ConfigError::Invalid { field, .. }) = config.validate() else {
+            panic!("a nameserver timeout of 0 was accepted");
+        };
+        assert_eq!(field, "nameserver_timeout_ms");
     }
 
     #[test]

@@ -179,7 +179,10 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         .then(|| Arc::new(RouteTable::new(config.broker_expiry())));
     let routes = match &embedded {
         Some(table) => Routes::Embedded(table.clone()),
-        None => Routes::Nameservers(config.nameservers.clone()),
+        None => Routes::Nameservers(cluster::Nameservers::new(
+            &config.nameservers,
+            config.nameserver_timeout(),
+        )?),
     };
     let stop_background = Arc::new(AtomicBool::new(false));
     let dispatched = dispatch_watch(&store);

@@ -35,7 +35,7 @@ pub enum Routes {
     /// Standalone: this process keeps the route table.
     Embedded(Arc<RouteTable>),
     /// Cluster: the nameservers keep it; this broker registers with them.
-    Nameservers(Vec<String>),
+    Nameservers(crate::cluster::Nameservers),
 }
 
 /// A receive request after its fields were read off the wire.
@@ -845,12 +845,12 @@ impl Broker {
                     ApiError::new(Code::TopicNotFound, format!("topic {topic:?} has no route"))
                 })
             }
-            Routes::Nameservers(addresses) => {
+            Routes::Nameservers(nameservers) => {
                 if self.config.topics.auto_create && self.metadata.topic(topic).is_none() {
                     self.topic_or_create(topic)?;
-                    crate::cluster::register_once(self, addresses).await;
+                    nameservers.register(self).await;
                 }
-                crate::cluster::query_route(addresses, topic, client_id).await
+                nameservers.query_route(topic, client_id).await
             }
         }
     }

@@ -131,3 +131,69 @@ async fn clients_reach_the_broker_through_the_nameserver_which_drops_it_when_sil
         Code::TopicNotFound as i32
     );
 }
+
+/// QueryRoute of `topic` sent to `addr` (a broker or a nameserver): the status's code and
+/// message, and how long the answer took. The client waits at most 10 s.
+async fn route_status(addr: SocketAddr, topic: &str) -> (i32, String, Duration) {
+    let mut client = MessagingServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(QueryRouteRequest {
+        topic: Some(Resource {
+            resource_namespace: String::new(),
+            name: topic.into(),
+        }),
+        endpoints: None,
+    });
+    request
+        .metadata_mut()
+        .insert("x-mq-client-id", "t@1#1".parse().unwrap());
+    request.set_timeout(Duration::from_secs(10));
+    let started = Instant::now();
+    let status = client
+        .query_route(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    (status.code, status.message, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nameserver_costs_a_route_query_its_timeout_and_the_next_one_answers() {
+    // A nameserver that accepts connections and never answers (a hung process) used to hold a
+    // broker's route query, and its heartbeat loop, for as long as the caller would wait.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let nameserver = start_nameserver(Duration::from_secs(30)).await;
+
+    // Only the silent one: a refusal naming it, within the timeout, not the caller's 10 s.
+    let alone = start(|c| {
+        c.nameservers = vec![silent_addr.to_string()];
+        c.nameserver_timeout_ms = 300;
+    })
+    .await;
+    let (code, message, took) = route_status(alone.addr(), "lonely").await;
+    assert_ne!(code, Code::Ok as i32);
+    assert!(message.contains(&silent_addr.to_string()), "{message}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    alone.running.shutdown().await.unwrap();
+
+    // The silent one first: the broker moves on to the one that answers.
+    let broker = start(|c| {
+        c.nameservers = vec![silent_addr.to_string(), nameserver.to_string()];
+        c.nameserver_timeout_ms = 300;
+    })
+    .await;
+    let (code, message, took) = route_status(broker.addr(), "routed").await;
+    assert_eq!(code, Code::Ok as i32, "{message}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    broker.running.shutdown().await.unwrap();
+}
