@@ -33,27 +33,7 @@ async fn start_nameserver(expiry: Duration) -> SocketAddr {
 }
 
 async fn route_code(nameserver: SocketAddr, topic: &str) -> i32 {
-    let mut client = MessagingServiceClient::connect(format!("http://{nameserver}"))
-        .await
-        .unwrap();
-    let mut request = tonic::Request::new(QueryRouteRequest {
-        topic: Some(Resource {
-            resource_namespace: String::new(),
-            name: topic.into(),
-        }),
-        endpoints: None,
-    });
-    request
-        .metadata_mut()
-        .insert("x-mq-client-id", "t@1#1".parse().unwrap());
-    client
-        .query_route(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-        .code
+    route_status(nameserver, topic).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
