@@ -38,7 +38,7 @@ use ferrumq_nameserver::{NameServer, RouteTable};
 use ferrumq_protocol::admin::admin_service_server::AdminServiceServer;
 use ferrumq_protocol::cluster::cluster_service_server::ClusterServiceServer;
 use ferrumq_protocol::v2::messaging_service_server::MessagingServiceServer;
-use ferrumq_storage::{FlushMode, MessageStore, StoreOptions};
+use ferrumq_storage::{FileSystem, FlushMode, MessageStore, RealFileSystem, StoreOptions};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -62,6 +62,15 @@ pub struct RunningBroker {
 
 /// Opens the data directory, recovers, and starts serving.
 pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+    start_with(config, Arc::new(RealFileSystem)).await
+}
+
+/// [`start`], with every write made durable through `fs` (power-loss tests pass a
+/// [`ferrumq_storage::CrashFileSystem`]).
+pub async fn start_with(
+    config: BrokerConfig,
+    fs: Arc<dyn FileSystem>,
+) -> Result<RunningBroker, BrokerError> {
     config.validate()?;
     let config = Arc::new(config);
     let io = |path: &std::path::Path| {
@@ -80,6 +89,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         retention: (config.retention_hours > 0)
             .then(|| Duration::from_secs(config.retention_hours * 3600)),
         disk_watermark: config.disk_watermark,
+        fs,
         ..StoreOptions::default()
     };
     let data_dir = config.data_dir.clone();
@@ -98,7 +108,11 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         elapsed_ms = u64::try_from(recovery.elapsed.as_millis()).unwrap_or(u64::MAX),
         "storage recovered"
     );
-    let metadata = Arc::new(metadata::Metadata::open(&config.data_dir, config.clone())?);
+    let metadata = Arc::new(metadata::Metadata::open(
+        &config.data_dir,
+        config.clone(),
+        store.clone(),
+    )?);
     let metrics = Arc::new(metrics::Metrics::default());
     let consumers = {
         let (store, metadata, metrics, dir) = (
@@ -326,6 +340,9 @@ fn spawn_housekeeping(broker: &Arc<Broker>, stop: Arc<AtomicBool>) {
                 break;
             }
             let Some(broker) = weak.upgrade() else { break };
+            if broker.store.log().failure().is_some() {
+                break; // a failed node does no more work (fail-stop)
+            }
             ticks += 1;
             let consumers = broker.consumers.clone();
             let snapshot = ticks.is_multiple_of(10);

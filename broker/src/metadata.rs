@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use ferrumq_protocol::v2::{Code, MessageType};
+use ferrumq_storage::MessageStore;
 use serde::{Deserialize, Serialize};
 
 use crate::config::BrokerConfig;
@@ -95,6 +96,8 @@ struct MetadataFile {
 /// The broker's topics and groups. Reads are cheap clones of `Arc`s; writes rewrite the file.
 pub struct Metadata {
     path: PathBuf,
+    /// Where the metadata file's syncs go, and what stops when one fails.
+    store: Arc<MessageStore>,
     state: RwLock<MetadataFile>,
     config: Arc<BrokerConfig>,
 }
@@ -156,7 +159,11 @@ pub fn check_group_name(name: &str) -> ApiResult<()> {
 }
 
 impl Metadata {
-    pub fn open(dir: &Path, config: Arc<BrokerConfig>) -> Result<Metadata, BrokerError> {
+    pub fn open(
+        dir: &Path,
+        config: Arc<BrokerConfig>,
+        store: Arc<MessageStore>,
+    ) -> Result<Metadata, BrokerError> {
         let path = dir.join("metadata.json");
         let state = match files::read_optional(&path)? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| BrokerError::Corrupt {
@@ -167,6 +174,7 @@ impl Metadata {
         };
         Ok(Metadata {
             path,
+            store,
             state: RwLock::new(state),
             config,
         })
@@ -345,7 +353,7 @@ impl Metadata {
     fn commit(&self, state: &mut MetadataFile, next: MetadataFile) -> ApiResult<()> {
         let bytes = serde_json::to_vec_pretty(&next)
             .map_err(|e| ApiError::internal(format!("encoding metadata: {e}")))?;
-        files::replace_file(&self.path, &bytes)
+        files::replace_file(&self.store, &self.path, &bytes)
             .map_err(|e| ApiError::internal(format!("saving metadata: {e}")))?;
         *state = next;
         Ok(())
@@ -363,6 +371,11 @@ impl Metadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferrumq_storage::StoreOptions;
+
+    fn store(dir: &Path) -> Arc<MessageStore> {
+        Arc::new(MessageStore::open(&dir.join("store"), StoreOptions::for_tests()).unwrap())
+    }
 
     #[test]
     fn names_follow_rocketmq_rules() {
@@ -391,13 +404,13 @@ mod tests {
     fn topics_and_groups_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let config = Arc::new(BrokerConfig::default());
-        let metadata = Metadata::open(dir.path(), config.clone()).unwrap();
+        let metadata = Metadata::open(dir.path(), config.clone(), store(dir.path())).unwrap();
         metadata.topic_or_create("t").unwrap();
         let mut group = metadata.default_group("g", 42);
         group.max_delivery_attempts = 3;
         metadata.put_group(group, false).unwrap();
         drop(metadata);
-        let metadata = Metadata::open(dir.path(), config).unwrap();
+        let metadata = Metadata::open(dir.path(), config, store(dir.path())).unwrap();
         assert_eq!(metadata.topic("t").unwrap().queue_count, 8);
         assert_eq!(metadata.group("g").unwrap().max_delivery_attempts, 3);
         assert_eq!(metadata.group("g").unwrap().created_ms, 42);
@@ -408,7 +421,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
-        let metadata = Metadata::open(&data, Arc::new(BrokerConfig::default())).unwrap();
+        let metadata =
+            Metadata::open(&data, Arc::new(BrokerConfig::default()), store(dir.path())).unwrap();
         metadata.topic_or_create("kept").unwrap();
         // A file where the directory was: the metadata file can no longer be written.
         std::fs::remove_dir_all(&data).unwrap();
@@ -428,7 +442,12 @@ mod tests {
     #[test]
     fn unknown_message_types_are_refused_and_the_four_kinds_accepted() {
         let dir = tempfile::tempdir().unwrap();
-        let metadata = Metadata::open(dir.path(), Arc::new(BrokerConfig::default())).unwrap();
+        let metadata = Metadata::open(
+            dir.path(),
+            Arc::new(BrokerConfig::default()),
+            store(dir.path()),
+        )
+        .unwrap();
         let topic = |types: &[&str]| TopicConfig {
             name: "d".into(),
             queue_count: 1,

@@ -111,6 +111,14 @@ fn parse_recall_handle(topic: &str, handle: &str) -> Option<(u64, i64)> {
         .then_some((offset, deliver_at))
 }
 
+/// Slots further behind than this are not tried one by one: loading jumps to the next file.
+const SCAN_GAP_SLOTS: i64 = 1024;
+
+/// The slot a `<slot>.slot` file holds.
+fn slot_of_file_name(name: &std::ffi::OsStr) -> Option<i64> {
+    name.to_str()?.strip_suffix(".slot")?.parse().ok()
+}
+
 fn io_error(path: &std::path::Path, e: std::io::Error) -> ApiError {
     ApiError::internal(format!("timer store {}: {e}", path.display()))
 }
@@ -126,10 +134,12 @@ impl Timers {
         dir: PathBuf,
         now_ms: i64,
     ) -> Result<Timers, BrokerError> {
-        std::fs::create_dir_all(&dir).map_err(|source| BrokerError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        ferrumq_storage::create_dir_all_durably(store.file_system().as_ref(), &dir).map_err(
+            |source| BrokerError::Io {
+                path: dir.clone(),
+                source,
+            },
+        )?;
         let checkpoint_path = dir.join("checkpoint");
         let checkpoint: Checkpoint = match files::read_optional(&checkpoint_path)? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| BrokerError::Corrupt {
@@ -146,13 +156,7 @@ impl Timers {
                 source,
             })?
             .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_suffix(".slot")?
-                    .parse::<i64>()
-                    .ok()
-            })
+            .filter_map(|e| slot_of_file_name(&e.file_name()))
             .min()
             .map_or(now_slot, |first| first.min(now_slot));
         let timers = Timers {
@@ -209,10 +213,24 @@ impl Timers {
         self.lock().wheel.len()
     }
 
-    /// Runs the timer thread until `stop` is set.
+    /// Makes a slot file's entries durable; a failed sync stops the node.
+    fn sync_slot(&self, slot: i64, file: &File) -> ApiResult<()> {
+        self.store.file_system().sync_file_data(file).map_err(|e| {
+            let path = self.slot_path(slot);
+            self.store
+                .fail_stop(format!("sync of {} failed: {e}", path.display()));
+            io_error(&path, e)
+        })
+    }
+
+    /// Runs the timer thread until `stop` is set or the node has stopped on a failure.
     pub fn run(&self, stop: &AtomicBool) {
         let mut last_checkpoint = Instant::now();
         while !stop.load(Ordering::Acquire) {
+            if let Some(reason) = self.store.log().failure() {
+                tracing::error!(reason, "timer thread stops: the node has failed");
+                return;
+            }
             let seen = self.store.dispatched_pos();
             let now = crate::service::now_ms();
             let busy = match self.pass(now) {
@@ -309,8 +327,7 @@ impl Timers {
         if !state.open_slots.contains_key(&slot) {
             if state.open_slots.len() >= MAX_OPEN_SLOTS {
                 for (slot, file) in state.open_slots.drain() {
-                    file.sync_data()
-                        .map_err(|e| io_error(&self.slot_path(slot), e))?;
+                    self.sync_slot(slot, &file)?;
                 }
             }
             let path = self.slot_path(slot);
@@ -335,7 +352,19 @@ impl Timers {
     fn load_slots(&self, state: &mut State, now_ms: i64) -> ApiResult<()> {
         let window = i64::try_from(self.settings.memory_window_ms).unwrap_or(i64::MAX);
         let slot_ms = i64::try_from(self.settings.slot_ms).unwrap_or(i64::MAX);
-        while state.loaded_until < now_ms.saturating_add(window) {
+        let until = now_ms.saturating_add(window);
+        while state.loaded_until < until {
+            if until - state.loaded_until > slot_ms.saturating_mul(SCAN_GAP_SLOTS) {
+                // Long after the last load (a broker stopped for a while): jump to the next
+                // slot that has a file rather than trying each one on the way.
+                let next = self
+                    .first_slot_file_from(state.loaded_until)?
+                    .unwrap_or_else(|| self.slot_of(until));
+                if next > state.loaded_until {
+                    state.loaded_until = next;
+                    continue;
+                }
+            }
             let slot = state.loaded_until;
             let path = self.slot_path(slot);
             let mut bytes = Vec::new();
@@ -349,11 +378,16 @@ impl Timers {
             }
             let mut scheduled = BTreeSet::new();
             let mut finished = HashSet::new();
-            // A torn last entry (a crash mid-write) is ignored; it is filed again.
+            // A torn last entry (a crash mid-write) is ignored, and so is one outside this
+            // slot: zeros where a power cut kept a file's length but not its bytes. Entries
+            // past the checkpoint are filed again from the log.
             for entry in bytes.chunks_exact(ENTRY_LEN) {
                 let (at, offset) = entry.split_at(8);
                 let at = i64::from_le_bytes(at.try_into().unwrap_or_default());
                 let offset = u64::from_le_bytes(offset.try_into().unwrap_or_default());
+                if self.slot_of(at) != slot {
+                    continue;
+                }
                 if offset & FINISHED == 0 {
                     scheduled.insert((at, offset));
                 } else {
@@ -371,6 +405,16 @@ impl Timers {
             state.loaded_until = slot.saturating_add(slot_ms);
         }
         Ok(())
+    }
+
+    /// The earliest slot at or after `from` that has a slot file.
+    fn first_slot_file_from(&self, from: i64) -> ApiResult<Option<i64>> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| io_error(&self.dir, e))?;
+        Ok(entries
+            .filter_map(Result::ok)
+            .filter_map(|e| slot_of_file_name(&e.file_name()))
+            .filter(|slot| *slot >= from)
+            .min())
     }
 
     /// Applies done records the slot files may lack (written since the checkpoint).
@@ -570,12 +614,11 @@ impl Timers {
         self.store.durable(written).wait()?;
         let mut state = self.lock();
         for (slot, file) in &state.open_slots {
-            file.sync_data()
-                .map_err(|e| io_error(&self.slot_path(*slot), e))?;
+            self.sync_slot(*slot, file)?;
         }
         let bytes =
             serde_json::to_vec(&state.checkpoint).map_err(|e| ApiError::internal(e.to_string()))?;
-        files::replace_file(&self.dir.join("checkpoint"), &bytes)
+        files::replace_file(&self.store, &self.dir.join("checkpoint"), &bytes)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let slot_ms = i64::try_from(self.settings.slot_ms).unwrap_or(i64::MAX);
         let finished: Vec<i64> = state
@@ -645,5 +688,49 @@ mod tests {
         assert_eq!(parse_recall_handle("other", &handle), None);
         assert_eq!(parse_recall_handle("orders", "2a.1.0"), None);
         assert_eq!(parse_recall_handle("orders", ""), None);
+    }
+
+    /// What a power cut can leave: a slot file whose length survived and its bytes did not
+    /// (zeros), and a slot file far behind now. Opening loads nothing from either, and does
+    /// not try every slot since the old one (a hundred million here).
+    #[test]
+    fn zeroed_entries_are_ignored_and_an_old_slot_is_not_walked_to_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            MessageStore::open(
+                &dir.path().join("store"),
+                ferrumq_storage::StoreOptions::for_tests(),
+            )
+            .unwrap(),
+        );
+        let config = Arc::new(crate::BrokerConfig::default());
+        let metadata = Arc::new(Metadata::open(dir.path(), config.clone(), store.clone()).unwrap());
+        let settings = TimerSettings {
+            slot_ms: 1000,
+            memory_window_ms: 2000,
+        };
+        let now = 1_800_000_000_000i64;
+        let timer_dir = dir.path().join("timer");
+        std::fs::create_dir(&timer_dir).unwrap();
+        let old_slot = now - 100_000_000 * 1000;
+        std::fs::write(timer_dir.join(format!("{old_slot}.slot")), [0u8; ENTRY_LEN]).unwrap();
+        std::fs::write(timer_dir.join(format!("{now}.slot")), [0u8; 4 * ENTRY_LEN]).unwrap();
+        let (done, opened) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let timers = Timers::open(
+                store,
+                metadata,
+                Arc::new(Metrics::default()),
+                settings,
+                timer_dir,
+                now,
+            )
+            .unwrap();
+            let _ = done.send(timers.in_memory());
+        });
+        let in_memory = opened
+            .recv_timeout(Duration::from_secs(20))
+            .expect("opening walked every slot since the old one");
+        assert_eq!(in_memory, 0);
     }
 }

@@ -49,6 +49,7 @@ impl CheckpointFile {
         path: &Path,
         fs: Arc<dyn FileSystem>,
     ) -> Result<(CheckpointFile, Checkpoint)> {
+        let created = !path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -56,6 +57,9 @@ impl CheckpointFile {
             .truncate(false)
             .open(path)
             .at(path)?;
+        if created && let Some(dir) = path.parent() {
+            fs.sync_dir(dir).at(dir)?;
+        }
         let mut newest: Option<(u64, Checkpoint)> = None;
         for slot in 0..2 {
             let mut buf = [0u8; SLOT_LEN];

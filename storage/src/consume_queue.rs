@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fs::FileSystem;
+use crate::fs::{FileSystem, create_dir_all_durably};
 use crate::mapped_file::MappedFile;
 use crate::pos::{LogPos, QueueOffset};
 use crate::record::{get_u32, get_u64};
@@ -535,7 +535,7 @@ impl ConsumeQueues {
         boundary: LogPos,
         trusted: bool,
     ) -> Result<ConsumeQueues> {
-        std::fs::create_dir_all(&root).at(&root)?;
+        create_dir_all_durably(fs.as_ref(), &root).at(&root)?;
         let mut queues: HashMap<String, HashMap<u32, Slot>> = HashMap::new();
         let mut changed = Changed::default();
         for topic_entry in std::fs::read_dir(&root).at(&root)? {
@@ -759,8 +759,14 @@ mod tests {
     }
 
     impl FileSystem for CountingFs {
-        fn sync_mapped_range(&self, map: &MmapRaw, offset: usize, len: usize) -> io::Result<()> {
-            RealFileSystem.sync_mapped_range(map, offset, len)
+        fn sync_mapped_range(
+            &self,
+            path: &Path,
+            map: &MmapRaw,
+            offset: usize,
+            len: usize,
+        ) -> io::Result<()> {
+            RealFileSystem.sync_mapped_range(path, map, offset, len)
         }
         fn sync_file_data(&self, file: &std::fs::File) -> io::Result<()> {
             self.file_syncs.fetch_add(1, Ordering::Relaxed);

@@ -55,7 +55,7 @@ pub use checkpoint::Checkpoint;
 pub use commit_log::{Appended, CommitLog, Durable, FlushMode, FlushStats, Records, StoredRecord};
 pub use consume_queue::{ConsumeQueue, ConsumeQueueEntry, tag_hash};
 pub use error::{Error, Result};
-pub use fs::{DiskUsage, FileSystem, RealFileSystem};
+pub use fs::{CrashFileSystem, DiskUsage, FileSystem, RealFileSystem, create_dir_all_durably};
 pub use message_index::{IndexKey, IndexShape, MessageIndex};
 pub use options::StoreOptions;
 pub use pos::{LogPos, QueueOffset, TermIndex};

@@ -55,6 +55,34 @@ impl MappedFile {
         MappedFile::map(path, file, base)
     }
 
+    /// Replaces the file at `base` with one of `size_bytes` that holds `prefix` and zeros
+    /// after it, durably (written beside it, synced, renamed over it, directory synced). The
+    /// old file's mappings keep the old bytes: a reader holding them is never written under.
+    pub(crate) fn replace_with_prefix(
+        dir: &Path,
+        base: u64,
+        size_bytes: u64,
+        prefix: &[u8],
+        fs: &dyn FileSystem,
+    ) -> Result<MappedFile> {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join(MappedFile::file_name(base));
+        let tmp = dir.join(format!("{}.tmp", MappedFile::file_name(base)));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .at(&tmp)?;
+        file.set_len(size_bytes).at(&tmp)?;
+        file.write_all_at(prefix, 0).at(&tmp)?;
+        fs.sync_file_data(&file).at(&tmp)?;
+        std::fs::rename(&tmp, &path).at(&path)?;
+        fs.sync_dir(dir).at(dir)?;
+        MappedFile::map(path, file, base)
+    }
+
     /// Opens an existing file. A file shorter than `size_bytes` (cut by a crash or by hand)
     /// is extended with zeros, which recovery reads as "never written"; `was_short` tells.
     pub(crate) fn open(path: &Path, base: u64, size_bytes: u64) -> Result<MappedFile> {
@@ -222,7 +250,7 @@ impl MappedFile {
     /// Makes bytes `[from, to)` durable.
     pub(crate) fn sync(&self, fs: &dyn FileSystem, from: usize, to: usize) -> std::io::Result<()> {
         if to > from {
-            fs.sync_mapped_range(&self.map, from, to - from)?;
+            fs.sync_mapped_range(&self.path, &self.map, from, to - from)?;
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::consume_queue::{fnv1a_parts, numbered_files};
 use crate::error::{Error, IoContext, Result};
-use crate::fs::FileSystem;
+use crate::fs::{FileSystem, create_dir_all_durably};
 use crate::mapped_file::MappedFile;
 use crate::pos::LogPos;
 use crate::record::{get_u32, get_u64};
@@ -227,7 +227,7 @@ impl MessageIndex {
                 reason: "slots and entries must be at least 1".into(),
             });
         }
-        std::fs::create_dir_all(&dir).at(&dir)?;
+        create_dir_all_durably(fs.as_ref(), &dir).at(&dir)?;
         let mut files = VecDeque::new();
         for number in numbered_files(&dir)? {
             let path = dir.join(MappedFile::file_name(number));

@@ -17,7 +17,7 @@ use crate::checkpoint::{Checkpoint, CheckpointFile};
 use crate::commit_log::{Appended, CommitLog, DiskFull, Durable, StoredRecord};
 use crate::consume_queue::{ConsumeQueue, ConsumeQueueEntry, ConsumeQueues, tag_hash_bytes};
 use crate::error::{Error, IoContext, Result};
-use crate::fs::DiskUsage;
+use crate::fs::{DiskUsage, FileSystem, create_dir_all_durably};
 use crate::message_index::{IndexKey, MessageIndex, message_id_hash, message_key_hash};
 use crate::options::StoreOptions;
 use crate::pos::{LogPos, QueueOffset};
@@ -85,9 +85,9 @@ impl MessageStore {
     pub fn open(dir: &Path, options: StoreOptions) -> Result<MessageStore> {
         let started = Instant::now();
         options.validate()?;
-        std::fs::create_dir_all(dir).at(dir)?;
-        let lock = lock_dir(dir)?;
         let fs = options.fs.clone();
+        create_dir_all_durably(fs.as_ref(), dir).at(dir)?;
+        let lock = lock_dir(dir)?;
         let (mut checkpoint_file, checkpoint) =
             CheckpointFile::open(&dir.join("checkpoint"), fs.clone())?;
         let (log, scan) = CommitLog::open(
@@ -201,6 +201,17 @@ impl MessageStore {
 
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
+    }
+
+    /// Stops the node as a failed log sync does: appends fail, dispatch and checkpoints stop.
+    /// For the files kept beside the store, whose failed sync leaves the disk as unknown.
+    pub fn fail_stop(&self, reason: impl Into<String>) {
+        self.inner.log.fail_stop(reason.into());
+    }
+
+    /// The file system the store makes its writes durable through, for files kept beside it.
+    pub fn file_system(&self) -> Arc<dyn FileSystem> {
+        self.inner.options.fs.clone()
     }
 
     pub fn dir(&self) -> &Path {

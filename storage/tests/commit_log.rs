@@ -214,6 +214,26 @@ fn truncating_an_uncommitted_suffix_rewinds_queue_offsets() {
 }
 
 #[test]
+fn a_reader_holding_a_truncated_record_keeps_reading_it_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();
+    let kept = append_all(&store, 0..4, 100);
+    store.log().set_committed(Some(kept[3].end()));
+    let dropped = append_all(&store, 4..8, 100);
+    let held = store.read(dropped[1].pos).unwrap();
+    let body = held.view().body.to_vec();
+    store.log().truncate_uncommitted(dropped[0].pos).unwrap();
+    // New records take the dropped ones' positions; the held record does not change.
+    let again = append_all(&store, 100..104, 300);
+    assert_eq!(again[0].pos, dropped[0].pos);
+    assert_eq!(held.view().body, body.as_slice());
+    assert_eq!(held.pos(), dropped[1].pos);
+    let now = store.read(dropped[1].pos);
+    assert!(now.is_err() || now.unwrap().view().body != body.as_slice());
+    assert!(store.read(kept[3].pos).is_ok());
+}
+
+#[test]
 fn the_dispatch_listener_hears_every_move_up_to_the_written_end() {
     let dir = tempfile::tempdir().unwrap();
     let store = MessageStore::open(dir.path(), StoreOptions::for_tests()).unwrap();

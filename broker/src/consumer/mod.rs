@@ -736,7 +736,7 @@ impl ConsumerGroups {
             )
         };
         self.store.durable(LogPos(end)).wait()?;
-        files::replace_file(&self.snapshot_path, &bytes)
+        files::replace_file(&self.store, &self.snapshot_path, &bytes)
     }
 
     /// New messages in store order, from where the last scan stopped.

@@ -27,7 +27,7 @@ pub use durability::Durable;
 pub(crate) use recovery::ScanOutcome;
 
 use crate::error::{Error, IoContext, Result};
-use crate::fs::FileSystem;
+use crate::fs::{FileSystem, create_dir_all_durably};
 use crate::mapped_file::MappedFile as Segment;
 use crate::pos::{LogPos, QueueOffset};
 use crate::record::{self, DecodeError, END_OF_SEGMENT_MAGIC, NewRecord, RecordView};
@@ -154,7 +154,7 @@ impl CommitLog {
         fs: Arc<dyn FileSystem>,
         scan_from: LogPos,
     ) -> Result<(CommitLog, ScanOutcome)> {
-        std::fs::create_dir_all(dir).at(dir)?;
+        create_dir_all_durably(fs.as_ref(), dir).at(dir)?;
         let (mut segments, first_short) = recovery::open_segments(dir, segment_size)?;
         let scan_from = first_short.map_or(scan_from, |short| scan_from.min(short));
         if segments.is_empty() {
@@ -401,8 +401,21 @@ impl CommitLog {
 
     /// Removes the records from `from` on, which must not have been dispatched (the caller
     /// checks). Used by a replication layer to drop an uncommitted suffix that lost an
-    /// election. Waiters for the removed records get `Error::Truncated`.
+    /// election. Waiters for the removed records get `Error::Truncated`. A reader holding a
+    /// removed record keeps reading it intact: the segment that held `from` is replaced by a
+    /// copy of its bytes before `from`, and the old file is never written again. A failure
+    /// part-way leaves the disk unknown, so it fails the log (fail-stop).
     pub fn truncate_uncommitted(&self, from: LogPos) -> Result<()> {
+        match self.truncate_uncommitted_inner(from) {
+            Err(e @ Error::Io { .. }) => {
+                self.fail_stop(format!("truncating the log at {from} failed: {e}"));
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    fn truncate_uncommitted_inner(&self, from: LogPos) -> Result<()> {
         let mut writer = self.lock_writer();
         let _flush = self.shared.lock_flush();
         let written = self.written_pos();
@@ -433,27 +446,22 @@ impl CommitLog {
                 std::fs::remove_file(dropped.path()).at(dropped.path())?;
             }
         }
-        let active = segments.back().cloned().ok_or(Error::NoRecord {
+        let holder = segments.back().cloned().ok_or(Error::NoRecord {
             pos: from,
             reason: "no segment holds the truncation point",
         })?;
-        drop(segments);
-        self.shared
-            .fs
-            .sync_dir(&self.shared.dir)
-            .at(&self.shared.dir)?;
-        let offset = (from.0 - active.base()) as usize;
-        let end = (written.0 - active.base()).min(self.shared.segment_size) as usize;
-        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-        let mut at = offset;
-        while at < end {
-            let n = (end - at).min(ZEROS.len());
-            active.write_at(at, &ZEROS[..n]).at(active.path())?;
-            at += n;
+        let offset = (from.0 - holder.base()) as usize;
+        let active = Arc::new(Segment::replace_with_prefix(
+            &self.shared.dir,
+            holder.base(),
+            self.shared.segment_size,
+            holder.bytes(0, offset),
+            self.shared.fs.as_ref(),
+        )?);
+        if let Some(last) = segments.back_mut() {
+            *last = active.clone();
         }
-        active
-            .sync_data(self.shared.fs.as_ref())
-            .at(active.path())?;
+        drop(segments);
         writer.active = active;
         writer.offset = offset;
         self.shared.written.store(from.0, Ordering::Release);

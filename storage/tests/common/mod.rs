@@ -94,12 +94,18 @@ pub struct FaultyFs {
 }
 
 impl FileSystem for FaultyFs {
-    fn sync_mapped_range(&self, map: &MmapRaw, offset: usize, len: usize) -> std::io::Result<()> {
+    fn sync_mapped_range(
+        &self,
+        path: &Path,
+        map: &MmapRaw,
+        offset: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
         self.flush_calls.fetch_add(1, Ordering::Relaxed);
         if self.fail_flush.load(Ordering::SeqCst) || self.fail_mapped_sync.load(Ordering::SeqCst) {
             return Err(std::io::Error::from_raw_os_error(5)); // EIO
         }
-        RealFileSystem.sync_mapped_range(map, offset, len)
+        RealFileSystem.sync_mapped_range(path, map, offset, len)
     }
 
     fn sync_file_data(&self, file: &std::fs::File) -> std::io::Result<()> {

@@ -1,6 +1,11 @@
 //! The file-system seam: every fsync and every disk-usage reading goes through
 //! [`FileSystem`], so tests can inject a failed fsync or a full disk without root or a
-//! special mount. Production uses [`RealFileSystem`].
+//! special mount, and [`CrashFileSystem`] can tell what was written from what was made
+//! durable and cut the power. Production uses [`RealFileSystem`].
+
+mod crash;
+
+pub use crash::CrashFileSystem;
 
 use std::fs::File;
 use std::io;
@@ -33,8 +38,15 @@ impl DiskUsage {
 
 /// The durability and capacity operations of the file system.
 pub trait FileSystem: Send + Sync + 'static {
-    /// Makes `len` bytes of a mapped file from `offset` durable (msync with `MS_SYNC`).
-    fn sync_mapped_range(&self, map: &MmapRaw, offset: usize, len: usize) -> io::Result<()>;
+    /// Makes `len` bytes from `offset` of the file at `path`, mapped at `map`, durable
+    /// (msync with `MS_SYNC`).
+    fn sync_mapped_range(
+        &self,
+        path: &Path,
+        map: &MmapRaw,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<()>;
     /// Makes a file's data durable (fdatasync).
     fn sync_file_data(&self, file: &File) -> io::Result<()>;
     /// Makes a directory's entries durable, after a file was created, renamed or removed in it.
@@ -43,12 +55,35 @@ pub trait FileSystem: Send + Sync + 'static {
     fn disk_usage(&self, path: &Path) -> io::Result<DiskUsage>;
 }
 
+/// Creates `dir` and any missing parents, each new name made durable in its parent before
+/// this returns: a store must not acknowledge a write into a directory a power cut can lose.
+pub fn create_dir_all_durably(fs: &dyn FileSystem, dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let missing: Vec<&Path> = dir.ancestors().take_while(|p| !p.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    for created in missing {
+        match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => fs.sync_dir(parent)?,
+            _ => fs.sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 /// The operating system's file system.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealFileSystem;
 
 impl FileSystem for RealFileSystem {
-    fn sync_mapped_range(&self, map: &MmapRaw, offset: usize, len: usize) -> io::Result<()> {
+    fn sync_mapped_range(
+        &self,
+        _path: &Path,
+        map: &MmapRaw,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<()> {
         map.flush_range(offset, len)
     }
 
