@@ -237,7 +237,7 @@ impl Broker {
             .collect();
         if !records.is_empty() {
             let mut appended = Vec::with_capacity(records.len());
-            self.store.append_batch(&records, &mut appended)?;
+            self.log.propose_batch(&records, &mut appended)?;
             let handled = chosen.iter().map(|l| (0, l.dlq_offset)).collect();
             let end = self
                 .consumers

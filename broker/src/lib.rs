@@ -22,6 +22,7 @@ mod files;
 pub mod filter;
 pub mod grpc;
 pub mod http;
+pub mod log_writer;
 pub mod message;
 pub mod metadata;
 pub mod metrics;
@@ -44,6 +45,7 @@ use tokio::task::JoinHandle;
 
 pub use config::BrokerConfig;
 pub use error::{ApiError, BrokerError};
+use log_writer::{Leadership, LogWriter};
 use service::{Broker, Routes};
 
 /// Largest gRPC message accepted: a full batch of maximum-size bodies fits.
@@ -114,15 +116,17 @@ pub async fn start_with(
         store.clone(),
     )?);
     let metrics = Arc::new(metrics::Metrics::default());
+    let log = LogWriter::new(store.clone(), config.flush);
+    let leadership = Arc::new(Leadership::standalone(store.clone()));
     let consumers = {
-        let (store, metadata, metrics, dir) = (
-            store.clone(),
+        let (log, metadata, metrics, dir) = (
+            log.clone(),
             metadata.clone(),
             metrics.clone(),
             config.data_dir.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            consumer::ConsumerGroups::open(store, metadata, metrics, dir)
+            consumer::ConsumerGroups::open(log, metadata, metrics, dir)
         })
         .await
         .map_err(|e| BrokerError::Corrupt {
@@ -132,8 +136,8 @@ pub async fn start_with(
     };
     let consumers = Arc::new(consumers);
     let (transactions, timers, duplicates) = {
-        let (store, metadata, metrics, settings) = (
-            store.clone(),
+        let (log, metadata, metrics, settings) = (
+            log.clone(),
             metadata.clone(),
             metrics.clone(),
             config.clone(),
@@ -142,13 +146,13 @@ pub async fn start_with(
             let config = settings;
             let now = service::now_ms();
             let transactions = transaction::Transactions::open(
-                store.clone(),
+                log.clone(),
                 config.transactions.clone(),
                 metrics.clone(),
                 now,
             )?;
             let timers = timer::Timers::open(
-                store.clone(),
+                log.clone(),
                 metadata,
                 metrics,
                 config.timers.clone(),
@@ -159,7 +163,7 @@ pub async fn start_with(
                 config.duplicate_window_ms,
                 config.duplicate_window_ids,
             );
-            let recent = duplicates.load(&store, now);
+            let recent = duplicates.load(log.store(), now);
             tracing::debug!(recent, "duplicate window loaded from the message index");
             Ok::<_, BrokerError>((Arc::new(transactions), Arc::new(timers), duplicates))
         })
@@ -203,6 +207,8 @@ pub async fn start_with(
     let broker = Arc::new(Broker::new(service::Parts {
         config: config.clone(),
         store: store.clone(),
+        log,
+        leadership: leadership.clone(),
         metadata,
         consumers: consumers.clone(),
         transactions,
@@ -220,7 +226,7 @@ pub async fn start_with(
         let stop = stop_background.clone();
         std::thread::Builder::new()
             .name("ferrumq-timer".into())
-            .spawn(move || timers.run(&stop))
+            .spawn(move || timers.run(&stop, &leadership))
             .map_err(io(std::path::Path::new("timer thread")))?
     };
     if let Some(table) = &embedded {
@@ -360,6 +366,13 @@ fn spawn_housekeeping(broker: &Arc<Broker>, stop: Arc<AtomicBool>) {
                         None
                     })
                     };
+                if !connected.leadership.holds() {
+                    // Leases, dead letters and check-backs are the leader's to move.
+                    if snapshot {
+                        consumers.snapshot()?;
+                    }
+                    return Ok(None);
+                }
                 let renewed = step(
                     "lease renewal",
                     consumers.renew_leases(

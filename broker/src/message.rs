@@ -1006,12 +1006,16 @@ mod tests {
             ..ferrumq_storage::StoreOptions::default()
         };
         let store = ferrumq_storage::MessageStore::open(dir.path(), options).unwrap();
+        let log = crate::log_writer::LogWriter::new(
+            std::sync::Arc::new(store),
+            crate::config::FlushPolicy::Sync,
+        );
         let mut stored = Properties::default();
         for (key, value) in properties {
             stored.push(key, value).unwrap();
         }
-        let appended = store
-            .append(&NewRecord {
+        let appended = log
+            .propose(&NewRecord {
                 topic: "stored-topic",
                 queue_id: 3,
                 message_type,
@@ -1022,7 +1026,7 @@ mod tests {
                 term_index: TermIndex::default(),
             })
             .unwrap();
-        store.read(appended.pos).unwrap()
+        log.store().read(appended.pos).unwrap()
     }
 
     #[test]

@@ -17,11 +17,12 @@ use ferrumq_storage::{
 };
 use tokio::sync::watch;
 
-use crate::config::{BrokerConfig, FlushPolicy};
+use crate::config::BrokerConfig;
 use crate::consumer::{ConsumerGroups, OPS_TOPIC};
 use crate::duplicates::DuplicateWindow;
 use crate::error::{ApiError, ApiResult};
 use crate::filter::Filter;
+use crate::log_writer::{Leadership, LogWriter};
 use crate::message::{
     self, BodyDigest, CheckedMessage, Delivery, FieldNames, Kind, Placement, property,
 };
@@ -83,6 +84,10 @@ pub struct Sent {
 pub struct Broker {
     pub config: Arc<BrokerConfig>,
     pub store: Arc<MessageStore>,
+    /// The one way appends reach the log, and when they are committed.
+    pub log: LogWriter,
+    /// Whether this node starts leader-only work (timers, check-backs, sweeps, retention).
+    pub leadership: Arc<Leadership>,
     pub metadata: Arc<Metadata>,
     pub consumers: Arc<ConsumerGroups>,
     pub transactions: Arc<Transactions>,
@@ -111,6 +116,8 @@ pub struct Broker {
 pub struct Parts {
     pub config: Arc<BrokerConfig>,
     pub store: Arc<MessageStore>,
+    pub log: LogWriter,
+    pub leadership: Arc<Leadership>,
     pub metadata: Arc<Metadata>,
     pub consumers: Arc<ConsumerGroups>,
     pub transactions: Arc<Transactions>,
@@ -226,6 +233,8 @@ impl Broker {
         Broker {
             config: parts.config,
             store: parts.store,
+            log: parts.log,
+            leadership: parts.leadership,
             metadata: parts.metadata,
             consumers: parts.consumers,
             transactions: parts.transactions,
@@ -249,18 +258,11 @@ impl Broker {
         self.released.notify_waiters();
     }
 
-    fn sync_flush(&self) -> bool {
-        self.config.flush == FlushPolicy::Sync
-    }
-
-    /// Waits until the log is durable up to `end` (sync flush), or not at all (async).
+    /// Waits until the log's entries before `end` are committed (see [`LogWriter`]).
     pub(crate) async fn durable(&self, end: Option<LogPos>) -> ApiResult<()> {
-        match end {
-            Some(end) if self.sync_flush() => self.store.durable(end).await.map_err(|e| {
-                ApiError::new(Code::MasterPersistenceTimeout, format!("flush failed: {e}"))
-            }),
-            _ => Ok(()),
-        }
+        self.log.committed(end).await.map_err(|e| {
+            ApiError::new(Code::MasterPersistenceTimeout, format!("flush failed: {e}"))
+        })
     }
 
     /// A client said it is leaving (NotifyClientTermination): the push leases it holds come
@@ -475,7 +477,7 @@ impl Broker {
         let mut appended = Vec::with_capacity(records.len());
         let stored = match records.is_empty() {
             true => Ok(()),
-            false => self.store.append_batch(&records, &mut appended),
+            false => self.log.propose_batch(&records, &mut appended),
         };
         // Filed even when the batch failed part-way: a retry then stores only the rest.
         let new_hashes = hashes.iter().zip(&earlier).filter(|(_, e)| e.is_none());

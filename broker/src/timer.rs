@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::TimerSettings;
 use crate::error::{ApiError, ApiResult, BrokerError};
 use crate::files;
+use crate::log_writer::{Leadership, LogWriter};
 use crate::message::{moved_record, property, system_record};
 use crate::metadata::Metadata;
 use crate::metrics::Metrics;
@@ -79,6 +80,7 @@ struct State {
 
 pub struct Timers {
     store: Arc<MessageStore>,
+    log: LogWriter,
     metadata: Arc<Metadata>,
     metrics: Arc<Metrics>,
     settings: TimerSettings,
@@ -127,14 +129,14 @@ impl Timers {
     /// Opens the timer store and catches up with the log: files what the checkpoint does
     /// not cover, loads the slots due soon, and applies the done records written since.
     pub fn open(
-        store: Arc<MessageStore>,
+        log: LogWriter,
         metadata: Arc<Metadata>,
         metrics: Arc<Metrics>,
         settings: TimerSettings,
         dir: PathBuf,
         now_ms: i64,
     ) -> Result<Timers, BrokerError> {
-        ferrumq_storage::create_dir_all_durably(store.file_system().as_ref(), &dir).map_err(
+        ferrumq_storage::create_dir_all_durably(log.store().file_system().as_ref(), &dir).map_err(
             |source| BrokerError::Io {
                 path: dir.clone(),
                 source,
@@ -160,7 +162,8 @@ impl Timers {
             .min()
             .map_or(now_slot, |first| first.min(now_slot));
         let timers = Timers {
-            store,
+            store: log.store().clone(),
+            log,
             metadata,
             metrics,
             settings,
@@ -223,8 +226,10 @@ impl Timers {
         })
     }
 
-    /// Runs the timer thread until `stop` is set or the node has stopped on a failure.
-    pub fn run(&self, stop: &AtomicBool) {
+    /// Runs the timer thread until `stop` is set or the node has stopped on a failure. Due
+    /// entries fire only while this node holds `leadership`; filing and loading go on
+    /// regardless.
+    pub fn run(&self, stop: &AtomicBool, leadership: &Leadership) {
         let mut last_checkpoint = Instant::now();
         while !stop.load(Ordering::Acquire) {
             if let Some(reason) = self.store.log().failure() {
@@ -233,7 +238,7 @@ impl Timers {
             }
             let seen = self.store.dispatched_pos();
             let now = crate::service::now_ms();
-            let busy = match self.pass(now) {
+            let busy = match self.pass(now, leadership.holds()) {
                 Ok(busy) => busy,
                 Err(e) => {
                     tracing::error!(error = %e.message, "timer pass failed; retrying");
@@ -265,11 +270,14 @@ impl Timers {
 
     /// One pass: file new entries, load slots coming due, deliver what is due. Returns
     /// whether a batch limit was hit (more work waits).
-    fn pass(&self, now_ms: i64) -> ApiResult<bool> {
+    fn pass(&self, now_ms: i64, fire: bool) -> ApiResult<bool> {
         let mut state = self.lock();
         let filed = self.file_new(&mut state)?;
         self.load_slots(&mut state, now_ms)?;
-        let delivered = self.deliver_due(&mut state, now_ms)?;
+        let delivered = match fire {
+            true => self.deliver_due(&mut state, now_ms)?,
+            false => 0,
+        };
         Ok(filed == BATCH || delivered == BATCH)
     }
 
@@ -507,7 +515,7 @@ impl Timers {
             .collect();
         records.push(system_record(TIMER_DONE_TOPIC, &done_body));
         let mut appended = Vec::with_capacity(records.len());
-        self.store.append_batch(&records, &mut appended)?;
+        self.log.propose_batch(&records, &mut appended)?;
         if let Some(done) = appended.last() {
             state
                 .unmirrored
@@ -580,8 +588,8 @@ impl Timers {
         // as the error the caller gets says.
         let body = format!("{offset} {deliver_at}");
         let appended = self
-            .store
-            .append(&system_record(TIMER_TOPIC, body.as_bytes()))?;
+            .log
+            .propose(&system_record(TIMER_TOPIC, body.as_bytes()))?;
         if filed && in_memory {
             state.wheel.remove(&(deliver_at, offset));
             self.count(&mut state, deliver_at, -1);
@@ -718,7 +726,7 @@ mod tests {
         let (done, opened) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let timers = Timers::open(
-                store,
+                LogWriter::new(store, crate::config::FlushPolicy::Sync),
                 metadata,
                 Arc::new(Metrics::default()),
                 settings,

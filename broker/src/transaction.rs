@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TransactionSettings;
 use crate::error::{ApiError, ApiResult, BrokerError};
+use crate::log_writer::LogWriter;
 use crate::message::{moved_record, property};
 use crate::metrics::Metrics;
 
@@ -157,6 +158,7 @@ pub struct Discarded {
 
 pub struct Transactions {
     store: Arc<MessageStore>,
+    log: LogWriter,
     settings: TransactionSettings,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
@@ -175,13 +177,14 @@ fn parse_transaction_id(id: &str) -> Option<u64> {
 impl Transactions {
     /// Rebuilds the pending transactions from the half messages and the decision journal.
     pub fn open(
-        store: Arc<MessageStore>,
+        log: LogWriter,
         settings: TransactionSettings,
         metrics: Arc<Metrics>,
         now_ms: i64,
     ) -> Result<Transactions, BrokerError> {
         let transactions = Transactions {
-            store,
+            store: log.store().clone(),
+            log,
             settings,
             metrics,
             state: Mutex::new(State::default()),
@@ -429,7 +432,7 @@ impl Transactions {
                 decision_record(&op),
             ];
             let mut appended = Vec::with_capacity(2);
-            self.store.append_batch(&records, &mut appended)?;
+            self.log.propose_batch(&records, &mut appended)?;
             self.metrics.add(&self.metrics.transactions_committed, 1);
             appended.last().map_or(LogPos(0), |a| a.end())
         } else {
@@ -602,7 +605,7 @@ impl Transactions {
             .push(property::TRANSACTION_CHECKS, &checks.to_string())
             .and_then(|()| properties.push(HALF_OFFSET, &view.queue_offset.0.to_string()))
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        self.store.append(&moved_record(
+        self.log.propose(&moved_record(
             &view,
             DISCARDED_TOPIC,
             0,
@@ -624,7 +627,7 @@ impl Transactions {
 
     fn journal(&self, op: &Op) -> ApiResult<LogPos> {
         let body = encode(op)?;
-        Ok(self.store.append(&decision_record(&body))?.end())
+        Ok(self.log.propose(&decision_record(&body))?.end())
     }
 }
 

@@ -212,6 +212,49 @@ async fn the_official_client_schedules_in_whole_seconds() {
     assert_eq!(seen[0].delivery_timestamp(), Some(at_s));
 }
 
+/// Firing timers is leader-only work: a node that does not hold leadership files a due
+/// message and keeps it, and fires it once it takes leadership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_leadership_fires_no_timer_until_it_takes_it() {
+    let broker = start(|_| {}).await;
+    let addr = broker.addr();
+    create_topic(addr, "later", 2, &["DELAY"]).await;
+    create_group(addr, "g", 17).await;
+    let leadership = broker.running.broker.leadership.clone();
+    leadership.set(false);
+    let mut raw = MessagingServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let messages = vec![scheduled("later", "due-soon", now_ms() + 200)];
+    let sent = raw
+        .send_message(with_client_id(SendMessageRequest { messages }, "gate"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sent.status.unwrap().code, Code::Ok as i32);
+    let consumer = consumer(addr, "g", "later").await;
+    let filter = tag("*");
+    let wait = |timeout| {
+        receive_n(
+            &consumer,
+            "later",
+            &filter,
+            1,
+            Duration::from_secs(10),
+            true,
+            timeout,
+        )
+    };
+    assert!(
+        wait(Duration::from_secs(2)).await.is_empty(),
+        "a timer fired on a node without leadership"
+    );
+    leadership.set(true);
+    let seen = wait(Duration::from_secs(6)).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].message_id(), "due-soon");
+}
+
 /// Three message groups share one queue. Group "stuck" is never acked: its first message
 /// keeps coming back (attempt 2, 3) and its second waits, while "a" and "b" go on in order.
 /// After the last attempt "stuck" is dead-lettered and its next message follows.

@@ -70,6 +70,8 @@ struct Inner {
     /// Set while the disk is above the watermark (see [`MessageStore::check_space`]).
     disk_full: Mutex<Option<DiskFull>>,
     stopping: AtomicBool,
+    /// Set while retention may not run (a replica that is not the leader).
+    retention_paused: AtomicBool,
 }
 
 type DispatchListener = Box<dyn Fn(LogPos) + Send + Sync>;
@@ -159,6 +161,7 @@ impl MessageStore {
             dispatch_listener: std::sync::OnceLock::new(),
             disk_full: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            retention_paused: AtomicBool::new(false),
         });
         let redispatched = {
             let mut cursor = inner.lock_cursor();
@@ -201,6 +204,12 @@ impl MessageStore {
 
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
+    }
+
+    /// Pauses (or resumes) the dispatcher's retention passes; a replication layer pauses them
+    /// on a node that is not the leader. [`run_retention`](Self::run_retention) still runs.
+    pub fn pause_retention(&self, paused: bool) {
+        self.inner.retention_paused.store(paused, Ordering::Release);
     }
 
     /// Stops the node as a failed log sync does: appends fail, dispatch and checkpoints stop.
@@ -502,7 +511,9 @@ impl Inner {
                     if let Err(error) = self.check_disk_usage() {
                         tracing::warn!(%error, "could not read disk usage");
                     }
-                    self.run_retention(SystemTime::now())?;
+                    if !self.retention_paused.load(Ordering::Acquire) {
+                        self.run_retention(SystemTime::now())?;
+                    }
                 }
                 Ok(())
             })();

@@ -73,6 +73,31 @@ fn retention_deletes_old_segments_but_never_the_active_one_and_trims_queues() {
 }
 
 #[test]
+fn paused_retention_keeps_expired_segments_until_it_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        retention: Some(Duration::from_millis(1)),
+        ..StoreOptions::for_tests()
+    };
+    let store = MessageStore::open(dir.path(), options).unwrap();
+    store.pause_retention(true);
+    let appended = append_all(&store, 0..400, 1000);
+    assert!(store.wait_dispatched(appended.last().unwrap().end(), Duration::from_secs(5)));
+    store.checkpoint().unwrap();
+    let segments = log_segments(&store);
+    assert!(segments > 3);
+    // Many housekeeping intervals pass; nothing is removed while paused.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(log_segments(&store), segments);
+    store.pause_retention(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while log_segments(&store) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(log_segments(&store), 1, "retention resumed");
+}
+
+#[test]
 fn the_store_reports_a_disk_above_the_watermark_and_clears_it_below() {
     let dir = tempfile::tempdir().unwrap();
     let fs = Arc::new(FaultyFs::default());

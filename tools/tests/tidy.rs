@@ -1,6 +1,6 @@
 //! The layering rules, checked by reading the workspace's files: which crate may depend on
-//! which, that storage knows no network or protobuf, and that only the broker's edge names
-//! prost, tonic or axum. Runs in milliseconds and needs no tool beyond `cargo test`.
+//! which, that storage knows no network or protobuf, that only the broker's edge names
+//! prost, tonic or axum, and that only the log writer appends to the commit log. Runs in milliseconds and needs no tool beyond `cargo test`.
 #![cfg(test)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -149,6 +149,29 @@ fn only_the_brokers_edge_names_prost_tonic_or_axum() {
             "broker/src/{relative} no longer names prost, tonic or axum: take it off the list"
         );
     }
+}
+
+/// One log writer: every broker append goes through `log_writer.rs`, where "committed" is
+/// decided, so replication changes it in one place.
+#[test]
+fn only_the_log_writer_appends_to_the_commit_log() {
+    let src = workspace().join("broker/src");
+    let appending: Vec<String> = rust_files(&src)
+        .into_iter()
+        .filter(|path| !path.ends_with("log_writer.rs"))
+        .filter(|path| {
+            let source = std::fs::read_to_string(path).unwrap();
+            source.lines().any(|line| {
+                let code = line.split("//").next().unwrap_or_default();
+                code.contains(".append(&") || code.contains("append_batch(")
+            })
+        })
+        .map(|path| path.strip_prefix(&src).unwrap().display().to_string())
+        .collect();
+    assert!(
+        appending.is_empty(),
+        "these broker files append to the log without the log writer: {appending:?}"
+    );
 }
 
 #[test]

@@ -26,6 +26,7 @@ use ferrumq_storage::{
 use crate::error::{ApiError, ApiResult, BrokerError};
 use crate::files;
 use crate::filter::Filter;
+use crate::log_writer::LogWriter;
 use crate::message::property;
 use crate::metadata::{GroupConfig, Metadata, StartPosition, TopicConfig};
 use crate::metrics::Metrics;
@@ -70,6 +71,7 @@ pub struct Received {
 
 pub struct ConsumerGroups {
     store: Arc<MessageStore>,
+    log: LogWriter,
     metadata: Arc<Metadata>,
     metrics: Arc<Metrics>,
     snapshot_path: PathBuf,
@@ -84,11 +86,12 @@ pub struct ConsumerGroups {
 impl ConsumerGroups {
     /// Loads the last snapshot and replays the journal written after it.
     pub fn open(
-        store: Arc<MessageStore>,
+        log: LogWriter,
         metadata: Arc<Metadata>,
         metrics: Arc<Metrics>,
         dir: PathBuf,
     ) -> Result<ConsumerGroups, BrokerError> {
+        let store = log.store().clone();
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let mut state: ConsumerState = match files::read_optional(&snapshot_path)? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| BrokerError::Corrupt {
@@ -144,6 +147,7 @@ impl ConsumerGroups {
         tracing::info!(replayed, "consumer state recovered");
         Ok(ConsumerGroups {
             store,
+            log,
             metadata,
             metrics,
             snapshot_path,
@@ -951,7 +955,7 @@ impl ConsumerGroups {
         let mut records: Vec<NewRecord<'_>> = first.into_iter().collect();
         records.push(crate::message::system_record(OPS_TOPIC, &body));
         let mut out = Vec::with_capacity(records.len());
-        self.store.append_batch(&records, &mut out)?;
+        self.log.propose_batch(&records, &mut out)?;
         let appended = out
             .last()
             .ok_or_else(|| ApiError::internal("the journal append stored nothing"))?;
