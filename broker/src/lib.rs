@@ -110,14 +110,19 @@ pub async fn start_with(
         elapsed_ms = u64::try_from(recovery.elapsed.as_millis()).unwrap_or(u64::MAX),
         "storage recovered"
     );
-    let metadata = Arc::new(metadata::Metadata::open(
-        &config.data_dir,
-        config.clone(),
-        store.clone(),
-    )?);
-    let metrics = Arc::new(metrics::Metrics::default());
     let log = LogWriter::new(store.clone(), config.flush);
     let leadership = Arc::new(Leadership::standalone(store.clone()));
+    let metadata = {
+        let (dir, settings, log) = (config.data_dir.clone(), config.clone(), log.clone());
+        tokio::task::spawn_blocking(move || metadata::Metadata::open(&dir, settings, log))
+            .await
+            .map_err(|e| BrokerError::Corrupt {
+                path: config.data_dir.clone(),
+                reason: e.to_string(),
+            })??
+    };
+    let metadata = Arc::new(metadata);
+    let metrics = Arc::new(metrics::Metrics::default());
     let consumers = {
         let (log, metadata, metrics, dir) = (
             log.clone(),

@@ -712,7 +712,8 @@ mod tests {
             .unwrap(),
         );
         let config = Arc::new(crate::BrokerConfig::default());
-        let metadata = Arc::new(Metadata::open(dir.path(), config.clone(), store.clone()).unwrap());
+        let log = LogWriter::new(store, crate::config::FlushPolicy::Sync);
+        let metadata = Arc::new(Metadata::open(dir.path(), config.clone(), log.clone()).unwrap());
         let settings = TimerSettings {
             slot_ms: 1000,
             memory_window_ms: 2000,
@@ -726,7 +727,7 @@ mod tests {
         let (done, opened) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let timers = Timers::open(
-                LogWriter::new(store, crate::config::FlushPolicy::Sync),
+                log,
                 metadata,
                 Arc::new(Metrics::default()),
                 settings,

@@ -1,16 +1,28 @@
-//! Topics and consumer groups, kept in `metadata.json` in the data directory and replaced
-//! atomically on every change.
+//! Topics and consumer groups. Every change is an op journaled in the commit log
+//! (`%SYS%METADATA`, see [`op`]) and applied when proposed; its caller answers once it is
+//! committed. `metadata.json` is a snapshot: the state after the ops up to `applied_through`,
+//! written after each change once those ops are durable. Opening reads the snapshot and
+//! applies the ops the log holds after it.
 
-use std::collections::BTreeMap;
+mod op;
+
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use ferrumq_protocol::v2::{Code, MessageType};
-use ferrumq_storage::MessageStore;
+use ferrumq_storage::{LogPos, QueueOffset};
 use serde::{Deserialize, Serialize};
+
+pub use op::{MetadataOp, MetadataState};
 
 use crate::config::BrokerConfig;
 use crate::error::{ApiError, ApiResult, BrokerError};
+use crate::log_writer::LogWriter;
+use crate::message::system_record;
+
+/// The internal topic topic and group changes are journaled in (queue 0).
+pub const METADATA_TOPIC: &str = "%SYS%METADATA";
 use crate::files;
 
 /// Topics whose names start with these belong to the broker: clients may not send to them or
@@ -25,6 +37,8 @@ const RESERVED_TOPIC_NAMES: [&str; 4] = [
 ];
 pub const MAX_TOPIC_NAME: usize = 127;
 pub const MAX_GROUP_NAME: usize = 255;
+/// Back-offs a group may list (RocketMQ's delay levels are 18).
+pub const MAX_RETRY_BACKOFFS: usize = 255;
 
 /// The message types a topic may accept; a topic may accept several.
 pub const SUPPORTED_MESSAGE_TYPES: [MessageType; 4] = [
@@ -87,18 +101,30 @@ impl GroupConfig {
     }
 }
 
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct MetadataFile {
-    topics: BTreeMap<String, TopicConfig>,
-    groups: BTreeMap<String, GroupConfig>,
+/// `metadata.json`: the state after the journaled ops up to `applied_through` (a queue
+/// offset in [`METADATA_TOPIC`]; absent in files written before ops were journaled).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Snapshot {
+    #[serde(flatten)]
+    state: MetadataState,
+    #[serde(default)]
+    applied_through: Option<u64>,
 }
 
-/// The broker's topics and groups. Reads are cheap clones of `Arc`s; writes rewrite the file.
+/// The state and the last op applied to it: its queue offset and where it ends in the log.
+#[derive(Default)]
+struct Applied {
+    state: MetadataState,
+    last: Option<(u64, LogPos)>,
+}
+
+/// The broker's topics and groups.
 pub struct Metadata {
     path: PathBuf,
-    /// Where the metadata file's syncs go, and what stops when one fails.
-    store: Arc<MessageStore>,
-    state: RwLock<MetadataFile>,
+    log: LogWriter,
+    state: RwLock<Applied>,
+    /// One snapshot write at a time; they share a temporary file.
+    snapshot_lock: Mutex<()>,
     config: Arc<BrokerConfig>,
 }
 
@@ -159,41 +185,85 @@ pub fn check_group_name(name: &str) -> ApiResult<()> {
 }
 
 impl Metadata {
+    /// Reads the snapshot and applies the ops journaled after it.
     pub fn open(
         dir: &Path,
         config: Arc<BrokerConfig>,
-        store: Arc<MessageStore>,
+        log: LogWriter,
     ) -> Result<Metadata, BrokerError> {
         let path = dir.join("metadata.json");
-        let state = match files::read_optional(&path)? {
+        let snapshot: Snapshot = match files::read_optional(&path)? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| BrokerError::Corrupt {
                 path: path.clone(),
                 reason: e.to_string(),
             })?,
-            None => MetadataFile::default(),
+            None => Snapshot::default(),
         };
-        Ok(Metadata {
+        let mut applied = Applied {
+            state: snapshot.state,
+            last: None,
+        };
+        let store = log.store().clone();
+        if !store.wait_dispatched(store.log().written_pos(), Duration::from_secs(60)) {
+            return Err(BrokerError::Corrupt {
+                path: dir.join("store"),
+                reason: "the store did not dispatch its log within 60 s".into(),
+            });
+        }
+        let mut replayed = 0;
+        if let Some(queue) = store.consume_queue(METADATA_TOPIC, 0) {
+            let from = snapshot.applied_through.map_or(0, |last| last + 1);
+            if from < queue.min_offset().0 {
+                tracing::error!(
+                    from,
+                    first = queue.min_offset().0,
+                    "metadata ops after the snapshot are gone from the log"
+                );
+            }
+            for offset in from.max(queue.min_offset().0)..queue.max_offset().0 {
+                let corrupt = |reason: String| BrokerError::Corrupt {
+                    path: store.dir().join("commitlog"),
+                    reason: format!("metadata op {offset}: {reason}"),
+                };
+                let entry = queue
+                    .get(QueueOffset(offset))
+                    .ok_or_else(|| corrupt("missing from its queue".into()))?;
+                let record = store.read(entry.log_pos)?;
+                let op =
+                    MetadataOp::decode(record.view().body).map_err(|e| corrupt(e.to_string()))?;
+                applied.state.apply(&op);
+                applied.last = Some((offset, record.end()));
+                replayed += 1;
+            }
+        }
+        let metadata = Metadata {
             path,
-            store,
-            state: RwLock::new(state),
+            log,
+            state: RwLock::new(applied),
+            snapshot_lock: Mutex::new(()),
             config,
-        })
+        };
+        if replayed > 0 {
+            tracing::info!(replayed, "metadata ops applied after the snapshot");
+            metadata.snapshot()?;
+        }
+        Ok(metadata)
     }
 
     pub fn topic(&self, name: &str) -> Option<TopicConfig> {
-        self.read().topics.get(name).cloned()
+        self.read().state.topics.get(name).cloned()
     }
 
     pub fn topics(&self) -> Vec<TopicConfig> {
-        self.read().topics.values().cloned().collect()
+        self.read().state.topics.values().cloned().collect()
     }
 
     pub fn group(&self, name: &str) -> Option<GroupConfig> {
-        self.read().groups.get(name).cloned()
+        self.read().state.groups.get(name).cloned()
     }
 
     pub fn groups(&self) -> Vec<GroupConfig> {
-        self.read().groups.values().cloned().collect()
+        self.read().state.groups.values().cloned().collect()
     }
 
     /// The topic, created with the defaults if it is unknown and auto-creation is on. A
@@ -253,6 +323,13 @@ impl Metadata {
                 topic.queue_count
             )));
         }
+        if topic.accept_message_types.len() > SUPPORTED_MESSAGE_TYPES.len() {
+            return Err(ApiError::bad_request(format!(
+                "topic.accept_message_types lists {} types; there are {} (NORMAL, FIFO, DELAY, TRANSACTION)",
+                topic.accept_message_types.len(),
+                SUPPORTED_MESSAGE_TYPES.len()
+            )));
+        }
         if topic.accept_message_types.is_empty() {
             return Err(ApiError::bad_request(
                 "topic.accept_message_types must name at least one type",
@@ -270,8 +347,8 @@ impl Metadata {
                 ));
             }
         }
-        let mut state = self.write();
-        if let Some(existing) = state.topics.get(&topic.name) {
+        let state = self.write();
+        if let Some(existing) = state.state.topics.get(&topic.name) {
             if !replace {
                 return Ok(existing.clone());
             }
@@ -282,22 +359,19 @@ impl Metadata {
                 )));
             }
         }
-        let mut next = state.clone();
-        next.topics.insert(topic.name.clone(), topic.clone());
-        self.commit(&mut state, next)?;
+        self.commit(state, MetadataOp::PutTopic(topic.clone()))?;
         Ok(topic)
     }
 
     pub fn delete_topic(&self, name: &str) -> ApiResult<()> {
-        let mut state = self.write();
-        let mut next = state.clone();
-        if next.topics.remove(name).is_none() {
+        let state = self.write();
+        if !state.state.topics.contains_key(name) {
             return Err(ApiError::new(
                 Code::TopicNotFound,
                 format!("topic {name:?} does not exist"),
             ));
         }
-        self.commit(&mut state, next)
+        self.commit(state, MetadataOp::DeleteTopic(name.to_owned()))
     }
 
     /// The group, created with the defaults if it is unknown and auto-creation is on.
@@ -333,37 +407,82 @@ impl Metadata {
                 "group.max_delivery_attempts must be at least 1",
             ));
         }
-        let mut state = self.write();
-        if let Some(existing) = state.groups.get(&group.name)
+        if group.retry_backoff_ms.len() > MAX_RETRY_BACKOFFS {
+            return Err(ApiError::bad_request(format!(
+                "group.retry_backoff_ms lists {} back-offs; the limit is {MAX_RETRY_BACKOFFS}",
+                group.retry_backoff_ms.len()
+            )));
+        }
+        let state = self.write();
+        if let Some(existing) = state.state.groups.get(&group.name)
             && !replace
         {
             return Ok(existing.clone());
         }
         let mut group = group;
-        if let Some(existing) = state.groups.get(&group.name) {
+        if let Some(existing) = state.state.groups.get(&group.name) {
             group.created_ms = existing.created_ms;
         }
-        let mut next = state.clone();
-        next.groups.insert(group.name.clone(), group.clone());
-        self.commit(&mut state, next)?;
+        self.commit(state, MetadataOp::PutGroup(group.clone()))?;
         Ok(group)
     }
 
-    /// Saves `next`, then makes it the state: a change that cannot be saved is not made.
-    fn commit(&self, state: &mut MetadataFile, next: MetadataFile) -> ApiResult<()> {
-        let bytes = serde_json::to_vec_pretty(&next)
-            .map_err(|e| ApiError::internal(format!("encoding metadata: {e}")))?;
-        files::replace_file(&self.store, &self.path, &bytes)
-            .map_err(|e| ApiError::internal(format!("saving metadata: {e}")))?;
-        *state = next;
+    /// Journals `op` and applies it while `state` is still held, so the log's order is the
+    /// order of application; then, without the lock, waits until it is committed and writes
+    /// a snapshot. A change that cannot be journaled is not made.
+    fn commit(
+        &self,
+        mut state: std::sync::RwLockWriteGuard<'_, Applied>,
+        op: MetadataOp,
+    ) -> ApiResult<()> {
+        let body = op.encode();
+        let appended = self.log.propose(&system_record(METADATA_TOPIC, &body))?;
+        state.state.apply(&op);
+        state.last = Some((appended.queue_offset.0, appended.end()));
+        drop(state);
+        self.log.wait_committed(Some(appended.end())).map_err(|e| {
+            ApiError::new(
+                Code::MasterPersistenceTimeout,
+                format!("metadata change not committed: {e}"),
+            )
+        })?;
+        if let Err(error) = self.snapshot() {
+            // The change is in the log; the next snapshot (or the next open) covers it.
+            tracing::warn!(%error, "could not write the metadata snapshot");
+        }
         Ok(())
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, MetadataFile> {
+    /// Writes `metadata.json` with the state as it is now, once the ops it holds are durable
+    /// (a snapshot must never hold an op a crash can take back from the log).
+    fn snapshot(&self) -> Result<(), BrokerError> {
+        let _one = self
+            .snapshot_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (snapshot, end) = {
+            let applied = self.read();
+            let snapshot = Snapshot {
+                state: applied.state.clone(),
+                applied_through: applied.last.map(|(offset, _)| offset),
+            };
+            (snapshot, applied.last.map(|(_, end)| end))
+        };
+        if let Some(end) = end {
+            self.log.store().durable(end).wait()?;
+        }
+        let bytes = serde_json::to_vec_pretty(&snapshot).map_err(|e| BrokerError::Corrupt {
+            path: self.path.clone(),
+            reason: format!("encoding metadata: {e}"),
+        })?;
+        files::replace_file(self.log.store(), &self.path, &bytes)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
         self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, MetadataFile> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -371,10 +490,12 @@ impl Metadata {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrumq_storage::StoreOptions;
+    use crate::config::FlushPolicy;
+    use ferrumq_storage::{MessageStore, StoreOptions};
 
-    fn store(dir: &Path) -> Arc<MessageStore> {
-        Arc::new(MessageStore::open(&dir.join("store"), StoreOptions::for_tests()).unwrap())
+    fn store(dir: &Path) -> LogWriter {
+        let store = MessageStore::open(&dir.join("store"), StoreOptions::for_tests()).unwrap();
+        LogWriter::new(Arc::new(store), FlushPolicy::Sync)
     }
 
     #[test]
@@ -417,16 +538,14 @@ mod tests {
     }
 
     #[test]
-    fn a_change_that_cannot_be_saved_is_not_made() {
+    fn a_change_that_cannot_be_journaled_is_not_made() {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
+        let log = store(dir.path());
         let metadata =
-            Metadata::open(&data, Arc::new(BrokerConfig::default()), store(dir.path())).unwrap();
+            Metadata::open(dir.path(), Arc::new(BrokerConfig::default()), log.clone()).unwrap();
         metadata.topic_or_create("kept").unwrap();
-        // A file where the directory was: the metadata file can no longer be written.
-        std::fs::remove_dir_all(&data).unwrap();
-        std::fs::write(&data, b"").unwrap();
+        // A failed log refuses appends.
+        log.store().fail_stop("test");
         assert!(metadata.topic_or_create("t").is_err());
         assert!(metadata.topic("t").is_none());
         assert!(
@@ -437,6 +556,61 @@ mod tests {
         assert!(metadata.group("g").is_none());
         assert!(metadata.delete_topic("kept").is_err());
         assert!(metadata.topic("kept").is_some());
+    }
+
+    /// The log is where changes live: ops journaled after the snapshot on disk (here: a
+    /// snapshot put back from before them, or none at all) are applied again at open.
+    #[test]
+    fn changes_journaled_after_the_snapshot_are_replayed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(BrokerConfig::default());
+        let log = store(dir.path());
+        let metadata = Metadata::open(dir.path(), config.clone(), log.clone()).unwrap();
+        metadata.topic_or_create("first").unwrap();
+        let snapshot = dir.path().join("metadata.json");
+        let early = std::fs::read(&snapshot).unwrap();
+        metadata.topic_or_create("second").unwrap();
+        metadata
+            .put_group(metadata.default_group("g", 7), false)
+            .unwrap();
+        metadata.delete_topic("first").unwrap();
+        let expected = metadata.read().state.clone();
+        drop(metadata);
+        log.store().close().unwrap();
+        drop(log);
+
+        for put_back in [Some(early), None] {
+            match &put_back {
+                Some(bytes) => std::fs::write(&snapshot, bytes).unwrap(),
+                None => std::fs::remove_file(&snapshot).unwrap(),
+            }
+            let log = store(dir.path());
+            let metadata = Metadata::open(dir.path(), config.clone(), log.clone()).unwrap();
+            assert_eq!(metadata.read().state, expected);
+            assert!(metadata.topic("first").is_none());
+            assert_eq!(metadata.group("g").unwrap().created_ms, 7);
+            drop(metadata);
+            log.store().close().unwrap();
+        }
+    }
+
+    /// A `metadata.json` written before ops were journaled (no `applied_through`) is read as
+    /// the state before the first op.
+    #[test]
+    fn a_snapshot_from_before_the_journal_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("metadata.json"),
+            r#"{"topics":{"old":{"name":"old","queue_count":4,"accept_message_types":["NORMAL"]}},"groups":{}}"#,
+        )
+        .unwrap();
+        let metadata = Metadata::open(
+            dir.path(),
+            Arc::new(BrokerConfig::default()),
+            store(dir.path()),
+        )
+        .unwrap();
+        assert_eq!(metadata.topic("old").unwrap().queue_count, 4);
     }
 
     #[test]
