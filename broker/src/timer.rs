@@ -113,6 +113,17 @@ fn parse_recall_handle(topic: &str, handle: &str) -> Option<(u64, i64)> {
         .then_some((offset, deliver_at))
 }
 
+/// The entries of `wheel` whose millisecond has come by `now_ms`, earliest first (ties in
+/// log order), at most `max`: what the timer fires next.
+fn due(wheel: &BTreeSet<(i64, u64)>, now_ms: i64, max: usize) -> Vec<(i64, u64)> {
+    wheel
+        .iter()
+        .take_while(|(at, _)| *at <= now_ms)
+        .take(max)
+        .copied()
+        .collect()
+}
+
 /// Slots further behind than this are not tried one by one: loading jumps to the next file.
 const SCAN_GAP_SLOTS: i64 = 1024;
 
@@ -449,13 +460,7 @@ impl Timers {
 
     /// Delivers up to [`BATCH`] due entries; returns how many were taken.
     fn deliver_due(&self, state: &mut State, now_ms: i64) -> ApiResult<usize> {
-        let due: Vec<(i64, u64)> = state
-            .wheel
-            .iter()
-            .take_while(|(at, _)| *at <= now_ms)
-            .take(BATCH)
-            .copied()
-            .collect();
+        let due = due(&state.wheel, now_ms, BATCH);
         if due.is_empty() {
             return Ok(0);
         }
@@ -696,6 +701,17 @@ mod tests {
         assert_eq!(parse_recall_handle("other", &handle), None);
         assert_eq!(parse_recall_handle("orders", "2a.1.0"), None);
         assert_eq!(parse_recall_handle("orders", ""), None);
+    }
+
+    #[test]
+    fn entries_fire_when_their_millisecond_comes_earliest_first_never_before() {
+        let wheel: BTreeSet<(i64, u64)> = [(1_000, 7), (999, 9), (1_000, 3), (1_001, 1)]
+            .into_iter()
+            .collect();
+        assert_eq!(due(&wheel, 998, 10), []);
+        assert_eq!(due(&wheel, 999, 10), [(999, 9)]);
+        assert_eq!(due(&wheel, 1_000, 10), [(999, 9), (1_000, 3), (1_000, 7)]);
+        assert_eq!(due(&wheel, 5_000, 2), [(999, 9), (1_000, 3)]);
     }
 
     /// What a power cut can leave: a slot file whose length survived and its bytes did not

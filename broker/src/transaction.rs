@@ -471,72 +471,60 @@ impl Transactions {
         let interval = i64::try_from(self.settings.check_interval_ms).unwrap_or(i64::MAX);
         let mut checks = Vec::new();
         for half in due {
-            let record = state
-                .pending
-                .get(&half)
-                .and_then(|p| self.store.read(p.log_pos).ok());
-            let Some(record) = record else {
-                // Deleted by retention: nothing left to decide.
-                tracing::warn!(half, "half message deleted by retention before a decision");
-                self.journal(&Op::Discard { half })?;
-                state.set(half, Decision::Discarded);
-                continue;
-            };
             let Some(pending) = state.pending.get(&half) else {
                 continue;
             };
-            let stored_for = now_ms.saturating_sub(record.view().store_timestamp_ms);
-            let too_old =
-                stored_for >= i64::try_from(self.settings.max_pending_ms).unwrap_or(i64::MAX);
-            if pending.checks >= self.settings.max_checks || too_old {
-                self.discard(&record, pending.checks)?;
-                self.journal(&Op::Discard { half })?;
-                state.set(half, Decision::Discarded);
-                continue;
-            }
-            // Every producer seen publishing to the topic, oldest first, that is connected;
-            // when none is, those that declare the topic.
-            let mut candidates: Vec<String> = state
+            let record = self.store.read(pending.log_pos).ok();
+            let stored_ms = record.as_ref().map(|r| r.view().store_timestamp_ms);
+            let producers = state
                 .producers
                 .get(&pending.topic)
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect();
-            if !candidates.contains(&pending.producer) {
-                candidates.push(pending.producer.clone());
+                .map_or(&[][..], Vec::as_slice);
+            let step = next_check(
+                pending,
+                stored_ms,
+                producers,
+                now_ms,
+                &self.settings,
+                is_live,
+                declaring,
+            );
+            let checks_so_far = pending.checks;
+            match (step, record) {
+                (CheckStep::Ask(client), Some(record)) => {
+                    let count = checks_so_far + 1;
+                    self.journal(&Op::Checked {
+                        half,
+                        checks: count,
+                    })?;
+                    if let Some(p) = state.pending.get_mut(&half) {
+                        p.checks = count;
+                        p.last_asked = Some(client.clone());
+                    }
+                    state.reschedule(half, now_ms.saturating_add(interval));
+                    checks.push(CheckBack {
+                        half: record,
+                        transaction_id: transaction_id(half),
+                        client,
+                    });
+                }
+                (CheckStep::Discard, Some(record)) => {
+                    self.discard(&record, checks_so_far)?;
+                    self.journal(&Op::Discard { half })?;
+                    state.set(half, Decision::Discarded);
+                }
+                (CheckStep::Wait, _) => {
+                    // Not counted as a check, so a transaction whose producers are all
+                    // away is not discarded for it. Asked again after the interval.
+                    tracing::info!(half, "no live producer to check a transaction with");
+                    state.reschedule(half, now_ms.saturating_add(interval));
+                }
+                (CheckStep::Gone, _) | (_, None) => {
+                    tracing::warn!(half, "half message deleted by retention before a decision");
+                    self.journal(&Op::Discard { half })?;
+                    state.set(half, Decision::Discarded);
+                }
             }
-            candidates.retain(|c| is_live(c));
-            if candidates.is_empty() {
-                candidates = declaring(&pending.topic);
-            }
-            let next = pending
-                .last_asked
-                .as_ref()
-                .and_then(|last| candidates.iter().position(|c| c == last))
-                .map_or(0, |i| (i + 1) % candidates.len().max(1));
-            let Some(client) = candidates.get(next).cloned() else {
-                // Nobody to ask: not counted as a check, so a transaction whose producers
-                // are all away is not discarded for it. Asked again after the interval.
-                tracing::info!(half, "no live producer to check a transaction with");
-                state.reschedule(half, now_ms.saturating_add(interval));
-                continue;
-            };
-            let count = pending.checks + 1;
-            self.journal(&Op::Checked {
-                half,
-                checks: count,
-            })?;
-            if let Some(p) = state.pending.get_mut(&half) {
-                p.checks = count;
-                p.last_asked = Some(client.clone());
-            }
-            state.reschedule(half, now_ms.saturating_add(interval));
-            checks.push(CheckBack {
-                half: record,
-                transaction_id: transaction_id(half),
-                client,
-            });
         }
         Ok(checks)
     }
@@ -641,10 +629,180 @@ fn immunity_ms(settings: &TransactionSettings, property: Option<&str>) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
+/// What a due check does for one pending transaction.
+#[derive(Debug, PartialEq, Eq)]
+enum CheckStep {
+    /// Its half message is gone (retention): nothing is left to decide.
+    Gone,
+    /// Checked `max_checks` times, or pending longer than `max_pending_ms`: given up.
+    Discard,
+    /// Nobody to ask now; asked again after the interval, not counted as a check.
+    Wait,
+    /// Ask this producer.
+    Ask(String),
+}
+
+/// Decides a due check, a pure function of the transaction, when its half message was
+/// stored (`None`: deleted), the producers seen sending to its topic (oldest first), the time
+/// and who is connected. The producers are asked in turn, starting after the one asked last;
+/// those connected first, and only when none is, those that declare the topic.
+fn next_check(
+    pending: &Pending,
+    stored_ms: Option<i64>,
+    producers: &[String],
+    now_ms: i64,
+    settings: &TransactionSettings,
+    is_live: &dyn Fn(&str) -> bool,
+    declaring: &dyn Fn(&str) -> Vec<String>,
+) -> CheckStep {
+    let Some(stored_ms) = stored_ms else {
+        return CheckStep::Gone;
+    };
+    let max_pending = i64::try_from(settings.max_pending_ms).unwrap_or(i64::MAX);
+    if pending.checks >= settings.max_checks || now_ms.saturating_sub(stored_ms) >= max_pending {
+        return CheckStep::Discard;
+    }
+    let mut candidates: Vec<String> = producers.to_vec();
+    if !candidates.contains(&pending.producer) {
+        candidates.push(pending.producer.clone());
+    }
+    candidates.retain(|c| is_live(c));
+    if candidates.is_empty() {
+        candidates = declaring(&pending.topic);
+    }
+    let next = pending
+        .last_asked
+        .as_ref()
+        .and_then(|last| candidates.iter().position(|c| c == last))
+        .map_or(0, |i| (i + 1) % candidates.len().max(1));
+    match candidates.get(next) {
+        Some(client) => CheckStep::Ask(client.clone()),
+        None => CheckStep::Wait,
+    }
+}
+
 fn encode(op: &Op) -> ApiResult<Vec<u8>> {
     serde_json::to_vec(op).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn decision_record(body: &[u8]) -> NewRecord<'_> {
     crate::message::system_record(DECISION_TOPIC, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn settings() -> TransactionSettings {
+        TransactionSettings {
+            max_checks: 3,
+            max_pending_ms: 60_000,
+            ..TransactionSettings::default()
+        }
+    }
+
+    fn pending(producer: &str, checks: u32, last_asked: Option<&str>) -> Pending {
+        Pending {
+            log_pos: LogPos(0),
+            topic: "orders".into(),
+            producer: producer.into(),
+            checks,
+            next_check_ms: NOW,
+            last_asked: last_asked.map(str::to_owned),
+        }
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn step(
+        pending: &Pending,
+        stored_ms: Option<i64>,
+        producers: &[&str],
+        live: &[&str],
+        declaring: &[&str],
+    ) -> CheckStep {
+        let live = names(live);
+        let declaring = names(declaring);
+        next_check(
+            pending,
+            stored_ms,
+            &names(producers),
+            NOW,
+            &settings(),
+            &|client| live.iter().any(|l| l == client),
+            &|_| declaring.clone(),
+        )
+    }
+
+    #[test]
+    fn a_transaction_whose_half_is_gone_is_dropped() {
+        assert_eq!(
+            step(&pending("p", 0, None), None, &["p"], &["p"], &[]),
+            CheckStep::Gone
+        );
+    }
+
+    #[test]
+    fn one_checked_enough_times_or_pending_too_long_is_given_up() {
+        let stored = Some(NOW - 1_000);
+        assert_eq!(
+            step(&pending("p", 3, None), stored, &["p"], &["p"], &[]),
+            CheckStep::Discard
+        );
+        let old = Some(NOW - 60_000);
+        assert_eq!(
+            step(&pending("p", 0, None), old, &["p"], &["p"], &[]),
+            CheckStep::Discard
+        );
+        let young = Some(NOW - 59_999);
+        assert_eq!(
+            step(&pending("p", 2, None), young, &["p"], &["p"], &[]),
+            CheckStep::Ask("p".into())
+        );
+    }
+
+    #[test]
+    fn connected_producers_are_asked_in_turn_after_the_last_one_asked() {
+        let stored = Some(NOW);
+        let all = ["a", "b", "c"];
+        assert_eq!(
+            step(&pending("a", 0, None), stored, &all, &all, &[]),
+            CheckStep::Ask("a".into())
+        );
+        assert_eq!(
+            step(&pending("a", 1, Some("a")), stored, &all, &all, &[]),
+            CheckStep::Ask("b".into())
+        );
+        assert_eq!(
+            step(&pending("a", 2, Some("c")), stored, &all, &all, &[]),
+            CheckStep::Ask("a".into())
+        );
+        // "b" went away: after "a" comes "c".
+        assert_eq!(
+            step(&pending("a", 1, Some("a")), stored, &all, &["a", "c"], &[]),
+            CheckStep::Ask("c".into())
+        );
+        // The producer that sent it is asked even if it was never seen on the topic list.
+        assert_eq!(
+            step(&pending("z", 0, None), stored, &[], &["z"], &[]),
+            CheckStep::Ask("z".into())
+        );
+    }
+
+    #[test]
+    fn with_nobody_connected_those_declaring_the_topic_are_asked_and_else_it_waits() {
+        let stored = Some(NOW);
+        assert_eq!(
+            step(&pending("a", 0, None), stored, &["a"], &[], &["d"]),
+            CheckStep::Ask("d".into())
+        );
+        assert_eq!(
+            step(&pending("a", 0, None), stored, &["a"], &[], &[]),
+            CheckStep::Wait
+        );
+    }
 }
