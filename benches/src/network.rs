@@ -75,6 +75,11 @@ pub(crate) struct NetArgs {
     /// With `--client native`, through ferrumq-client's BroadcastConsumer.
     #[arg(long)]
     pub(crate) pull: bool,
+    /// consume only (`--client raw`): N consumer groups at once, group `<group>-i` on topic
+    /// `<topic>-i`, each taking `count / N` messages with `concurrency / N` receivers (at
+    /// least one). Beside a run with one group, it shows whether groups wait on each other.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) groups: usize,
     /// e2e only: messages per second the producer sends.
     #[arg(long, default_value_t = 2000)]
     pub(crate) rate: u64,
@@ -410,24 +415,28 @@ pub(crate) async fn ack(
 
 pub(crate) fn consume(args: &NetArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        prepare(&args.endpoint, &args.topic, &args.group).await?;
-        let received = Arc::new(Drained::new());
-        match args.client {
-            ClientKind::Native if args.pull => consume_broadcast(args, &received).await?,
-            ClientKind::Native => consume_native(args, &received).await?,
-            ClientKind::Raw if args.pull => consume_pull(args, &received).await?,
-            ClientKind::Raw => consume_raw(args, &received).await?,
-            ClientKind::Official => {
-                bail!("consume drives --client raw or native; the official client is measured by produce")
+        let (n, seconds) = if args.groups > 1 {
+            consume_groups(args).await?
+        } else {
+            prepare(&args.endpoint, &args.topic, &args.group).await?;
+            let received = Arc::new(Drained::new());
+            match args.client {
+                ClientKind::Native if args.pull => consume_broadcast(args, &received).await?,
+                ClientKind::Native => consume_native(args, &received).await?,
+                ClientKind::Raw if args.pull => consume_pull(args, &received).await?,
+                ClientKind::Raw => consume_raw(args, &received).await?,
+                ClientKind::Official => {
+                    bail!("consume drives --client raw or native; the official client is measured by produce")
+                }
             }
-        }
-        let seconds = received.seconds();
-        let n = received.count();
+            (received.count(), received.seconds())
+        };
         let mut report = Report::default();
         report
             .add("mode", if args.pull { "consume-pull" } else { "consume" })
             .add("client", format!("{:?}", args.client).to_lowercase())
             .add("messages", n)
+            .add("groups", args.groups as u64)
             .add("batch", args.batch as u64)
             .add("concurrency", args.concurrency as u64)
             .add("seconds", seconds)
@@ -469,6 +478,43 @@ impl Drained {
     fn seconds(&self) -> f64 {
         self.last_us.load(Ordering::Relaxed) as f64 / 1e6
     }
+}
+
+/// `--groups N`: N groups on N topics at once, each drained by `consume_raw`; the messages
+/// of all and the seconds until the last one.
+async fn consume_groups(args: &NetArgs) -> anyhow::Result<(u64, f64)> {
+    if args.client != ClientKind::Raw || args.pull {
+        bail!("--groups drives --client raw without --pull");
+    }
+    let mut runs = Vec::new();
+    for i in 0..args.groups {
+        let pair = NetArgs {
+            topic: format!("{}-{i}", args.topic),
+            group: format!("{}-{i}", args.group),
+            count: args.count / args.groups as u64,
+            concurrency: (args.concurrency / args.groups).max(1),
+            ..args.clone()
+        };
+        prepare(&pair.endpoint, &pair.topic, &pair.group).await?;
+        runs.push(pair);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for pair in runs {
+        tasks.push(tokio::spawn(async move {
+            let received = Arc::new(Drained::new());
+            consume_raw(&pair, &received).await?;
+            let end = received.start + Duration::from_secs_f64(received.seconds());
+            Ok::<_, anyhow::Error>((received.count(), end))
+        }));
+    }
+    let (mut n, mut last) = (0, start);
+    for task in tasks {
+        let (count, end) = task.await??;
+        n += count;
+        last = last.max(end);
+    }
+    Ok((n, (last - start).as_secs_f64()))
 }
 
 /// C receivers: receive up to B, ack them in one request, until a receive comes back empty.
