@@ -5,15 +5,18 @@
 //! finishes a message; a message whose lease ends unacked is delivered again with the
 //! attempt count one higher, and once it has been delivered `max_delivery_attempts` times
 //! it is moved to `%DLQ%{group}` (keeping its message id) instead. The state lives in memory
-//! ([`state::ConsumerState`]); every change is journaled in the commit log (topic
-//! [`OPS_TOPIC`]) before the client hears of it, and a snapshot file bounds the replay.
+//! ([`state::ConsumerState`]), one state and one lock per group, so groups never wait on
+//! each other; every change is journaled in the commit log (topic [`OPS_TOPIC`]) before the
+//! client hears of it, and a snapshot file bounds the replay.
 
 mod offsets;
 pub mod receipt;
 pub mod state;
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use ferrumq_protocol::v2::Code;
@@ -69,18 +72,80 @@ pub struct Received {
     pub more: bool,
 }
 
+/// One group's state (a [`ConsumerState`] holding that group only) behind its own lock.
+type Shard = Arc<Mutex<ConsumerState>>;
+
+/// `consumer-state.json`: each group's state, with the journal offset of the last op it
+/// includes (`last_op`). Every op below `journal_floor` is in it; a group it does not list
+/// had none.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot {
+    shards: BTreeMap<String, ConsumerState>,
+    journal_floor: u64,
+}
+
+impl Snapshot {
+    /// Reads the snapshot file as written now, or as written before groups had their own
+    /// state (one state for all, split here by group).
+    fn read(bytes: &[u8]) -> Result<Snapshot, serde_json::Error> {
+        let error = match serde_json::from_slice::<Snapshot>(bytes) {
+            Ok(snapshot) => return Ok(snapshot),
+            Err(error) => error,
+        };
+        match serde_json::from_slice::<ConsumerState>(bytes) {
+            Ok(whole) => Ok(Snapshot::split(whole)),
+            Err(_) => Err(error),
+        }
+    }
+
+    fn split(whole: ConsumerState) -> Snapshot {
+        let mut shards: BTreeMap<String, ConsumerState> = BTreeMap::new();
+        let shard = |shards: &mut BTreeMap<String, ConsumerState>, group: &str| {
+            shards
+                .entry(group.to_owned())
+                .or_insert_with(|| ConsumerState {
+                    epoch: whole.epoch,
+                    last_op: whole.last_op,
+                    ..ConsumerState::default()
+                })
+                .groups
+                .entry(group.to_owned())
+                .or_default();
+        };
+        for (group, topics) in whole.groups {
+            shard(&mut shards, &group);
+            if let Some(state) = shards.get_mut(&group) {
+                state.groups.insert(group, topics);
+            }
+        }
+        for (key, offset) in whole.pull_offsets {
+            shard(&mut shards, &key.0);
+            if let Some(state) = shards.get_mut(&key.0) {
+                state.pull_offsets.insert(key, offset);
+            }
+        }
+        Snapshot {
+            shards,
+            journal_floor: whole.last_op.map_or(0, |last| last + 1),
+        }
+    }
+}
+
 pub struct ConsumerGroups {
     store: Arc<MessageStore>,
     log: LogWriter,
     metadata: Arc<Metadata>,
     metrics: Arc<Metrics>,
     snapshot_path: PathBuf,
-    state: Mutex<ConsumerState>,
+    /// Each group's state; the map's lock is held only to find or add a group.
+    shards: RwLock<HashMap<String, Shard>>,
     /// One snapshot at a time; they share a temporary file.
     snapshot_lock: Mutex<()>,
     /// Where the last journaled op ends: a snapshot waits until it is durable, so it never
     /// names an op that a machine crash could take back.
-    last_op_end: std::sync::atomic::AtomicU64,
+    last_op_end: AtomicU64,
+    /// One past the highest journal offset used so far: a snapshot's `journal_floor`.
+    next_op: AtomicU64,
 }
 
 impl ConsumerGroups {
@@ -93,13 +158,17 @@ impl ConsumerGroups {
     ) -> Result<ConsumerGroups, BrokerError> {
         let store = log.store().clone();
         let snapshot_path = dir.join(SNAPSHOT_FILE);
-        let mut state: ConsumerState = match files::read_optional(&snapshot_path)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| BrokerError::Corrupt {
+        let snapshot = match files::read_optional(&snapshot_path)? {
+            Some(bytes) => Snapshot::read(&bytes).map_err(|e| BrokerError::Corrupt {
                 path: snapshot_path.clone(),
                 reason: e.to_string(),
             })?,
-            None => ConsumerState::default(),
+            None => Snapshot {
+                shards: BTreeMap::new(),
+                journal_floor: 0,
+            },
         };
+        let (mut shards, mut floor) = (snapshot.shards, snapshot.journal_floor);
         // Every recovered record must be in its consume queue before the journal is read.
         if !store.wait_dispatched(store.log().written_pos(), Duration::from_secs(60)) {
             return Err(BrokerError::Corrupt {
@@ -111,24 +180,30 @@ impl ConsumerGroups {
         let journal_end = store
             .consume_queue(OPS_TOPIC, 0)
             .map_or(0, |q| q.max_offset().0);
-        if state.last_op.is_some_and(|last| last >= journal_end) {
-            // The snapshot names ops the log no longer has; new ops will reuse those
-            // offsets, so replay must not skip them.
-            tracing::warn!(snapshot = ?state.last_op, journal_end, "snapshot ahead of the journal");
-            state.last_op = journal_end.checked_sub(1);
+        // A snapshot naming ops the log no longer has: new ops will reuse those offsets, so
+        // replay must not skip them.
+        if floor > journal_end {
+            tracing::warn!(floor, journal_end, "snapshot ahead of the journal");
+            floor = journal_end;
+        }
+        for state in shards.values_mut() {
+            if state.last_op.is_some_and(|last| last >= journal_end) {
+                state.last_op = journal_end.checked_sub(1);
+            }
         }
         if let Some(queue) = store.consume_queue(OPS_TOPIC, 0) {
-            let first = state.last_op.map_or(0, |o| o + 1).max(queue.min_offset().0);
-            if let Some(last) = state.last_op
-                && queue.min_offset().0 > last + 1
-            {
+            let first = shards
+                .values()
+                .filter_map(|s| s.last_op.map(|last| last + 1))
+                .fold(floor, u64::min);
+            if queue.min_offset().0 > first {
                 tracing::warn!(
-                    snapshot = last,
+                    from = first,
                     oldest = queue.min_offset().0,
                     "consumer journal entries after the snapshot were deleted by retention"
                 );
             }
-            for offset in first..queue.max_offset().0 {
+            for offset in first.max(queue.min_offset().0)..queue.max_offset().0 {
                 let Some(entry) = queue.get(QueueOffset(offset)) else {
                     break;
                 };
@@ -139,26 +214,62 @@ impl ConsumerGroups {
                         reason: format!("consumer journal entry {offset}: {e}"),
                     }
                 })?;
-                state.apply(&op);
-                state.last_op = Some(offset);
-                replayed += 1;
+                let state = shards.entry(op.group().to_owned()).or_default();
+                let included = match state.last_op {
+                    Some(last) => offset <= last,
+                    None => offset < floor,
+                };
+                if !included {
+                    state.apply(&op);
+                    state.last_op = Some(offset);
+                    replayed += 1;
+                }
             }
         }
-        tracing::info!(replayed, "consumer state recovered");
+        tracing::info!(replayed, groups = shards.len(), "consumer state recovered");
+        let shards = shards
+            .into_iter()
+            .map(|(group, state)| (group, Arc::new(Mutex::new(state))))
+            .collect();
         Ok(ConsumerGroups {
             store,
             log,
             metadata,
             metrics,
             snapshot_path,
-            state: Mutex::new(state),
+            shards: RwLock::new(shards),
             snapshot_lock: Mutex::new(()),
-            last_op_end: std::sync::atomic::AtomicU64::new(0),
+            last_op_end: AtomicU64::new(0),
+            next_op: AtomicU64::new(journal_end),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, ConsumerState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The group's state, added empty if the group has none yet.
+    fn shard(&self, group: &str) -> Shard {
+        if let Some(shard) = self.existing(group) {
+            return shard;
+        }
+        let mut shards = self.shards.write().unwrap_or_else(PoisonError::into_inner);
+        shards.entry(group.to_owned()).or_default().clone()
+    }
+
+    /// The group's state, if it has one.
+    fn existing(&self, group: &str) -> Option<Shard> {
+        self.shards
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(group)
+            .cloned()
+    }
+
+    /// Every group's state, in no particular order.
+    fn all(&self) -> Vec<Shard> {
+        self.shards
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Hands out up to `batch` messages of `topic` from every queue: first messages whose
@@ -176,7 +287,8 @@ impl ConsumerGroups {
         now_ms: i64,
         auto_renew: Option<(&str, i64)>,
     ) -> ApiResult<Received> {
-        let mut state = self.lock();
+        let shard = self.shard(&group.name);
+        let mut state = lock(&shard);
         let mut journal_end = None;
         let mut picked: Vec<(u32, u64, u32)> = Vec::new();
         let mut records = Vec::new();
@@ -349,7 +461,8 @@ impl ConsumerGroups {
             .enumerate()
             .map(|(index, text)| ReceiptHandle::decode(text, &topic.name, &EntryField(index)))
             .collect();
-        let mut state = self.lock();
+        let shard = self.shard(&group.name);
+        let mut state = lock(&shard);
         let mut outcomes = Vec::with_capacity(handles.len());
         let mut finished = Vec::new();
         // The group's queues of the topic, looked up by name once for all entries.
@@ -401,7 +514,8 @@ impl ConsumerGroups {
         invisible_ms: u64,
         now_ms: i64,
     ) -> ApiResult<(String, LogPos)> {
-        let mut state = self.lock();
+        let shard = self.shard(&group.name);
+        let mut state = lock(&shard);
         let handle = current_lease(&state, group, topic, text)?;
         let epoch = state.next_epoch();
         let op = Op::Renew {
@@ -426,7 +540,8 @@ impl ConsumerGroups {
         topic: &TopicConfig,
         text: &str,
     ) -> ApiResult<LogPos> {
-        let mut state = self.lock();
+        let shard = self.shard(&group.name);
+        let mut state = lock(&shard);
         let handle = current_lease(&state, group, topic, text)?;
         let record = self
             .record_at(&topic.name, handle.queue_id, handle.offset)?
@@ -449,44 +564,46 @@ impl ConsumerGroups {
     /// Dead-letters every message whose lease ended at its last attempt, so they reach the
     /// DLQ even when nobody receives from the topic any more.
     pub fn sweep(&self, now_ms: i64) -> ApiResult<Option<LogPos>> {
-        let mut state = self.lock();
-        let mut due = Vec::new();
-        for (group_name, topics) in &state.groups {
-            let Some(group) = self.metadata.group(group_name) else {
-                continue;
-            };
-            for (topic_name, queues) in topics {
-                for (queue_id, queue) in queues {
-                    for (offset, lease) in queue.leases.iter() {
-                        if lease.visible_at_ms <= now_ms
-                            && lease.attempt >= group.max_delivery_attempts
-                        {
-                            due.push((group.clone(), topic_name.clone(), *queue_id, offset));
-                        }
-                    }
-                }
-            }
-        }
         // One message that cannot be moved does not hold the others back; it is tried
         // again at the next sweep.
         let mut end = None;
         let mut failed = None;
-        for (group, topic_name, queue_id, offset) in due {
-            let Some(topic) = self.metadata.topic(&topic_name) else {
-                continue;
-            };
-            let moved = match self.record_at(&topic.name, queue_id, offset) {
-                Ok(Some(record)) => {
-                    self.dead_letter(&mut state, &group, &topic, queue_id, offset, &record)
+        for shard in self.all() {
+            let mut state = lock(&shard);
+            let mut due = Vec::new();
+            for (group_name, topics) in &state.groups {
+                let Some(group) = self.metadata.group(group_name) else {
+                    continue;
+                };
+                for (topic_name, queues) in topics {
+                    for (queue_id, queue) in queues {
+                        for (offset, lease) in queue.leases.iter() {
+                            if lease.visible_at_ms <= now_ms
+                                && lease.attempt >= group.max_delivery_attempts
+                            {
+                                due.push((group.clone(), topic_name.clone(), *queue_id, offset));
+                            }
+                        }
+                    }
                 }
-                Ok(None) => self.journal(&mut state, done_op(&group, &topic, queue_id, offset)),
-                Err(e) => Err(e),
-            };
-            match moved {
-                Ok(pos) => end = Some(pos),
-                Err(e) => {
-                    tracing::warn!(group = %group.name, topic = %topic.name, queue_id, offset, error = %e.message, "could not dead-letter a message; trying again at the next sweep");
-                    failed = Some(e);
+            }
+            for (group, topic_name, queue_id, offset) in due {
+                let Some(topic) = self.metadata.topic(&topic_name) else {
+                    continue;
+                };
+                let moved = match self.record_at(&topic.name, queue_id, offset) {
+                    Ok(Some(record)) => {
+                        self.dead_letter(&mut state, &group, &topic, queue_id, offset, &record)
+                    }
+                    Ok(None) => self.journal(&mut state, done_op(&group, &topic, queue_id, offset)),
+                    Err(e) => Err(e),
+                };
+                match moved {
+                    Ok(pos) => end = Some(pos),
+                    Err(e) => {
+                        tracing::warn!(group = %group.name, topic = %topic.name, queue_id, offset, error = %e.message, "could not dead-letter a message; trying again at the next sweep");
+                        failed = Some(e);
+                    }
                 }
             }
         }
@@ -507,42 +624,45 @@ impl ConsumerGroups {
         release_ms: i64,
         connected: impl Fn(&str) -> bool,
     ) -> ApiResult<Option<LogPos>> {
-        let mut state = self.lock();
-        let mut due = Vec::new();
-        for (group, topics) in &state.groups {
-            for (topic, queues) in topics {
-                for (queue_id, queue) in queues {
-                    for (offset, lease) in queue.leases.iter() {
-                        if lease.renew_until_ms <= now_ms || lease.visible_at_ms <= now_ms {
-                            continue;
+        let mut end = None;
+        for shard in self.all() {
+            let mut state = lock(&shard);
+            let mut due = Vec::new();
+            for (group, topics) in &state.groups {
+                for (topic, queues) in topics {
+                    for (queue_id, queue) in queues {
+                        for (offset, lease) in queue.leases.iter() {
+                            if lease.renew_until_ms <= now_ms || lease.visible_at_ms <= now_ms {
+                                continue;
+                            }
+                            let (visible_at_ms, renew_until_ms) = if !connected(&lease.owner) {
+                                (
+                                    now_ms.saturating_add(release_ms).min(lease.visible_at_ms),
+                                    0,
+                                )
+                            } else if lease.visible_at_ms - now_ms <= ahead_ms {
+                                let next =
+                                    now_ms.saturating_add(lease_ms).min(lease.renew_until_ms);
+                                (next.max(lease.visible_at_ms), lease.renew_until_ms)
+                            } else {
+                                continue;
+                            };
+                            due.push(Op::Renew {
+                                group: group.clone(),
+                                topic: topic.clone(),
+                                queue_id: *queue_id,
+                                offset,
+                                epoch: lease.epoch,
+                                visible_at_ms,
+                                renew_until_ms,
+                            });
                         }
-                        let (visible_at_ms, renew_until_ms) = if !connected(&lease.owner) {
-                            (
-                                now_ms.saturating_add(release_ms).min(lease.visible_at_ms),
-                                0,
-                            )
-                        } else if lease.visible_at_ms - now_ms <= ahead_ms {
-                            let next = now_ms.saturating_add(lease_ms).min(lease.renew_until_ms);
-                            (next.max(lease.visible_at_ms), lease.renew_until_ms)
-                        } else {
-                            continue;
-                        };
-                        due.push(Op::Renew {
-                            group: group.clone(),
-                            topic: topic.clone(),
-                            queue_id: *queue_id,
-                            offset,
-                            epoch: lease.epoch,
-                            visible_at_ms,
-                            renew_until_ms,
-                        });
                     }
                 }
             }
-        }
-        let mut end = None;
-        for op in due {
-            end = Some(self.journal(&mut state, op)?);
+            for op in due {
+                end = Some(self.journal(&mut state, op)?);
+            }
         }
         Ok(end)
     }
@@ -561,7 +681,8 @@ impl ConsumerGroups {
 
     /// The earliest time a lease of `group` on `topic` ends, to wake a waiting receive.
     pub fn next_lease_end(&self, group: &str, topic: &str) -> Option<i64> {
-        let state = self.lock();
+        let shard = self.existing(group)?;
+        let state = lock(&shard);
         state
             .groups
             .get(group)?
@@ -572,7 +693,9 @@ impl ConsumerGroups {
     }
 
     pub fn pull_offset(&self, group: &str, topic: &str, queue_id: u32) -> Option<u64> {
-        self.lock()
+        let shard = self.existing(group)?;
+        let state = lock(&shard);
+        state
             .pull_offsets
             .get(&(group.to_owned(), topic.to_owned(), queue_id))
             .copied()
@@ -585,7 +708,8 @@ impl ConsumerGroups {
         queue_id: u32,
         offset: u64,
     ) -> ApiResult<LogPos> {
-        let mut state = self.lock();
+        let shard = self.shard(group);
+        let mut state = lock(&shard);
         let op = Op::PullOffset {
             group: group.to_owned(),
             topic: topic.to_owned(),
@@ -604,7 +728,8 @@ impl ConsumerGroups {
         queue_id: u32,
         offset: u64,
     ) -> ApiResult<(Option<u64>, LogPos)> {
-        let mut state = self.lock();
+        let shard = self.shard(group);
+        let mut state = lock(&shard);
         let previous = state.queue(group, topic, queue_id).map(|q| q.floor);
         let op = Op::Reset {
             group: group.to_owned(),
@@ -625,7 +750,8 @@ impl ConsumerGroups {
         start: u64,
         messages: Vec<(u32, u64)>,
     ) -> ApiResult<LogPos> {
-        let mut state = self.lock();
+        let shard = self.shard(group);
+        let mut state = lock(&shard);
         if state.queue(group, topic, 0).is_none() {
             let op = Op::Reset {
                 group: group.to_owned(),
@@ -652,7 +778,10 @@ impl ConsumerGroups {
         from: u64,
         to: u64,
     ) -> Vec<u64> {
-        let state = self.lock();
+        let Some(shard) = self.existing(group) else {
+            return (from..to).collect();
+        };
+        let state = lock(&shard);
         match state.queue(group, topic, queue_id) {
             None => (from..to).collect(),
             Some(q) => (from.max(q.floor)..to).filter(|o| !q.is_done(*o)).collect(),
@@ -667,26 +796,35 @@ impl ConsumerGroups {
         queue_id: u32,
         offset: u64,
     ) -> Vec<(String, Option<state::Lease>, bool)> {
-        let state = self.lock();
-        state
-            .groups
-            .iter()
-            .filter(|(group, _)| !crate::metadata::is_system_topic(group))
-            .filter_map(|(group, topics)| {
-                let queue = topics.get(topic)?.get(&queue_id)?;
-                Some((
-                    group.clone(),
-                    queue.leases.get(offset).cloned(),
-                    queue.is_done(offset),
-                ))
-            })
-            .collect()
+        let mut found: Vec<(String, Option<state::Lease>, bool)> = Vec::new();
+        for shard in self.all() {
+            let state = lock(&shard);
+            found.extend(
+                state
+                    .groups
+                    .iter()
+                    .filter(|(group, _)| !crate::metadata::is_system_topic(group))
+                    .filter_map(|(group, topics)| {
+                        let queue = topics.get(topic)?.get(&queue_id)?;
+                        Some((
+                            group.clone(),
+                            queue.leases.get(offset).cloned(),
+                            queue.is_done(offset),
+                        ))
+                    }),
+            );
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
     }
 
     /// Per queue of each topic the group has read: (topic, queue, acked below, delivered
     /// below, in flight).
     pub fn progress(&self, group: &str) -> Vec<(String, u32, u64, u64, u64)> {
-        let state = self.lock();
+        let Some(shard) = self.existing(group) else {
+            return Vec::new();
+        };
+        let state = lock(&shard);
         let Some(topics) = state.groups.get(group) else {
             return Vec::new();
         };
@@ -712,33 +850,52 @@ impl ConsumerGroups {
     }
 
     pub fn inflight(&self) -> u64 {
-        let state = self.lock();
-        state
-            .groups
-            .values()
-            .flat_map(|t| t.values())
-            .flat_map(|q| q.values())
-            .map(|q| q.leases.len() as u64)
+        self.all()
+            .iter()
+            .map(|shard| {
+                lock(shard)
+                    .groups
+                    .values()
+                    .flat_map(|t| t.values())
+                    .flat_map(|q| q.values())
+                    .map(|q| q.leases.len() as u64)
+                    .sum::<u64>()
+            })
             .sum()
     }
 
-    /// Writes the snapshot, so recovery replays only the journal written after it.
+    /// Writes the snapshot, so recovery replays only the journal written after it. Each
+    /// group is copied under its own lock, one after the other.
     pub fn snapshot(&self) -> Result<(), BrokerError> {
         let _one_at_a_time = self
             .snapshot_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let (bytes, end) = {
-            let state = self.lock();
-            let bytes = serde_json::to_vec(&*state).map_err(|e| BrokerError::Corrupt {
-                path: self.snapshot_path.clone(),
-                reason: e.to_string(),
-            })?;
-            (
-                bytes,
-                self.last_op_end.load(std::sync::atomic::Ordering::Acquire),
-            )
+        // Read before any group is looked at: every op below it is applied in its group by
+        // the time that group is copied (an op is appended and applied under its group's
+        // lock, and a group is added before its first op).
+        let journal_floor = self.next_op.load(Ordering::Acquire);
+        let groups: Vec<(String, Shard)> = self
+            .shards
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(name, shard)| (name.clone(), shard.clone()))
+            .collect();
+        let mut shards = BTreeMap::new();
+        for (name, shard) in groups {
+            let copy = lock(&shard).clone();
+            shards.insert(name, copy);
+        }
+        let snapshot = Snapshot {
+            shards,
+            journal_floor,
         };
+        let bytes = serde_json::to_vec(&snapshot).map_err(|e| BrokerError::Corrupt {
+            path: self.snapshot_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let end = self.last_op_end.load(Ordering::Acquire);
         self.store.durable(LogPos(end)).wait()?;
         files::replace_file(&self.store, &self.snapshot_path, &bytes)
     }
@@ -962,7 +1119,9 @@ impl ConsumerGroups {
         state.apply(&op);
         state.last_op = Some(appended.queue_offset.0);
         self.last_op_end
-            .fetch_max(appended.end().0, std::sync::atomic::Ordering::AcqRel);
+            .fetch_max(appended.end().0, Ordering::AcqRel);
+        self.next_op
+            .fetch_max(appended.queue_offset.0 + 1, Ordering::AcqRel);
         Ok(appended.end())
     }
 }
@@ -1026,6 +1185,10 @@ fn current_lease(
     }
 }
 
+fn lock(shard: &Shard) -> MutexGuard<'_, ConsumerState> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// After a FIFO receive failed part-way: the queues it scanned rebuild what waits behind
 /// each message group by a rescan, so no group goes out of order.
 fn rescan_waiting(
@@ -1061,4 +1224,69 @@ fn rotation(queue_count: u32, seed: u64) -> Vec<u32> {
     let count = queue_count.max(1);
     let start = u32::try_from(seed % u64::from(count)).unwrap_or(0);
     (0..count).map(|i| (start + i) % count).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deliver(group: &str, offset: u64, epoch: u64) -> Op {
+        Op::Deliver {
+            group: group.into(),
+            topic: "t".into(),
+            messages: vec![(0, offset, 1)],
+            epoch,
+            visible_at_ms: 1_000,
+            renew_until_ms: 0,
+            owner: String::new(),
+        }
+    }
+
+    /// A snapshot written when one state held every group reads as one state per group,
+    /// each holding only its own queues and pull offsets, all as of the same op.
+    #[test]
+    fn a_snapshot_from_before_groups_had_their_own_state_is_split_by_group() {
+        let mut whole = ConsumerState::default();
+        whole.apply(&deliver("a", 3, 1));
+        whole.apply(&deliver("b", 5, 2));
+        whole.apply(&Op::PullOffset {
+            group: "c".into(),
+            topic: "t".into(),
+            queue_id: 1,
+            offset: 9,
+        });
+        whole.last_op = Some(41);
+        let bytes = serde_json::to_vec(&whole).unwrap();
+
+        let snapshot = Snapshot::read(&bytes).unwrap();
+        assert_eq!(snapshot.journal_floor, 42);
+        assert_eq!(snapshot.shards.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+        let a = &snapshot.shards["a"];
+        assert!(
+            a.queue("a", "t", 0)
+                .is_some_and(|q| q.leases.get(3).is_some())
+        );
+        assert!(!a.groups.contains_key("b"));
+        assert_eq!(a.last_op, Some(41));
+        assert_eq!(a.epoch, 2);
+        let c = &snapshot.shards["c"];
+        assert_eq!(c.pull_offsets[&("c".to_owned(), "t".to_owned(), 1)], 9);
+        assert!(snapshot.shards["b"].pull_offsets.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_as_written() {
+        let mut a = ConsumerState::default();
+        a.apply(&deliver("a", 3, 1));
+        a.last_op = Some(7);
+        let snapshot = Snapshot {
+            shards: [("a".to_owned(), a)].into_iter().collect(),
+            journal_floor: 8,
+        };
+        let back = Snapshot::read(&serde_json::to_vec(&snapshot).unwrap()).unwrap();
+        assert_eq!(back.journal_floor, 8);
+        assert_eq!(back.shards["a"].last_op, Some(7));
+        assert!(back.shards["a"].queue("a", "t", 0).is_some());
+        assert!(Snapshot::read(b"{\"shards\": 3}").is_err());
+    }
 }

@@ -165,6 +165,19 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The group the op changes: each group's state is its own.
+    pub fn group(&self) -> &str {
+        match self {
+            Op::Deliver { group, .. }
+            | Op::Renew { group, .. }
+            | Op::Done { group, .. }
+            | Op::Reset { group, .. }
+            | Op::PullOffset { group, .. } => group,
+        }
+    }
+}
+
 pub type QueueKey = (String, String, u32);
 
 /// Queue `queue_id` of `queues`, created by `start` when new.
@@ -178,8 +191,8 @@ fn queue_in(
         .or_insert_with(|| QueueState::starting_at(start()))
 }
 
-/// All groups' state on this broker.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// The state of consumer groups: the broker keeps one per group.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct ConsumerState {
     /// group → topic → queue id → state.
     pub groups: BTreeMap<String, BTreeMap<String, BTreeMap<u32, QueueState>>>,
