@@ -3,20 +3,22 @@
 # against one group on one topic, with the same receivers (64), batch and total backlog. If
 # groups waited on each other, 64 groups would go no faster than one. Each figure is the
 # median of several runs (a fresh set of groups per run, reading from the start).
-# Usage: scripts/bench-groups.sh [runs]   (default 3). The broker keeps its data in
-# ./target/bench-groups (removed at the end) and listens on 127.0.0.1:18181.
+# Usage: scripts/bench-groups.sh [runs] [broker-binary]   (default 3 runs, this build's
+# broker). The broker keeps its data in ./target/bench-groups (removed at the end) and
+# listens on 127.0.0.1:18181.
 set -euo pipefail
 runs=${1:-3}
 groups=64
 per_topic=4000
 cd "$(dirname "$0")/.."
 cargo build --release -p ferrumq-broker -p ferrumq-benches
+broker=${2:-target/release/ferrumq-broker}
 bench=target/release/ferrumq-bench
 data=target/bench-groups
 ep=(--endpoint 127.0.0.1:18181)
 rm -rf "$data" && mkdir -p "$data"
 trap 'kill "$pid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
-target/release/ferrumq-broker --data-dir "$data" --grpc-listen 127.0.0.1:18181 --http-listen 127.0.0.1:18180 >/dev/null 2>&1 &
+"$broker" --data-dir "$data" --grpc-listen 127.0.0.1:18181 --http-listen 127.0.0.1:18180 >/dev/null 2>&1 &
 pid=$!
 sleep 2
 
