@@ -5,7 +5,8 @@
 //! - [`consumer`]: consumer groups: leases, redelivery, dead letters, FIFO order, durable
 //!   state.
 //! - [`transaction`]: half messages, decisions, check-backs; [`timer`]: scheduled messages.
-//! - [`grpc`]: thin gRPC handlers; [`http`]: the HTTP produce endpoint, health, metrics.
+//! - [`api`]: the edge, the only place that knows prost, tonic and axum: thin gRPC
+//!   handlers (`api::grpc`), the HTTP produce endpoint, health and metrics (`api::http`).
 //! - [`metadata`]: topics and groups; [`config`]: the TOML configuration.
 //! - [`admin`]: offset resets (replay), dead-letter resend and purge, message deliveries.
 //!
@@ -13,6 +14,7 @@
 //! binary wraps it.
 
 pub mod admin;
+pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod consumer;
@@ -20,8 +22,6 @@ pub mod duplicates;
 pub mod error;
 mod files;
 pub mod filter;
-pub mod grpc;
-pub mod http;
 pub mod log_writer;
 pub mod message;
 pub mod metadata;
@@ -36,9 +36,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferrumq_nameserver::{NameServer, RouteTable};
-use ferrumq_protocol::admin::admin_service_server::AdminServiceServer;
-use ferrumq_protocol::cluster::cluster_service_server::ClusterServiceServer;
-use ferrumq_protocol::v2::messaging_service_server::MessagingServiceServer;
 use ferrumq_storage::{FileSystem, FlushMode, MessageStore, RealFileSystem, StoreOptions};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -47,9 +44,6 @@ pub use config::BrokerConfig;
 pub use error::{ApiError, BrokerError};
 use log_writer::{Leadership, LogWriter};
 use service::{Broker, Routes};
-
-/// Largest gRPC message accepted: a full batch of maximum-size bodies fits.
-const MAX_GRPC_MESSAGE: usize = 130 << 20;
 
 /// A broker running in this process.
 pub struct RunningBroker {
@@ -239,58 +233,23 @@ pub async fn start_with(
     }
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
-    let mut router = tonic::transport::Server::builder()
-        .max_frame_size(Some(256 * 1024))
-        .add_service(
-            MessagingServiceServer::new(grpc::messaging::MessagingApi::new(broker.clone()))
-                .max_decoding_message_size(MAX_GRPC_MESSAGE)
-                .max_encoding_message_size(MAX_GRPC_MESSAGE),
-        )
-        .add_service(AdminServiceServer::new(grpc::admin::AdminApi::new(
-            broker.clone(),
-        )));
-    if let Some(table) = &embedded {
-        router = router.add_service(ClusterServiceServer::new(NameServer::new(
-            table.clone(),
-            config.heartbeat_interval(),
-        )));
-    }
-    let grpc_server = tokio::spawn(async move {
-        // Without TCP_NODELAY a reply can sit 40 ms waiting for the client's delayed ACK.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        let shutdown = async {
-            let _ = stop_rx.await;
-            let _ = http_stop_tx.send(());
-        };
-        if let Err(e) = router
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    });
-    let http_router = http::router(broker.clone());
-    let http_server = tokio::spawn(async move {
-        let serve = axum::serve(
-            http_listener,
-            http_router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = http_stop_rx.await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    let nameserver = embedded
+        .as_ref()
+        .map(|table| NameServer::new(table.clone(), config.heartbeat_interval()));
+    let servers = api::serve(
+        broker.clone(),
+        grpc_listener,
+        http_listener,
+        nameserver,
+        stop_rx,
+    );
     tracing::info!(grpc = %grpc_addr, http = %http_addr, endpoint, data_dir = %config.data_dir.display(), "broker serving");
     Ok(RunningBroker {
         broker,
         grpc_addr,
         http_addr,
         stop: Some(stop_tx),
-        servers: vec![grpc_server, http_server],
+        servers,
         stop_background,
         timer_thread: Some(timer_thread),
     })

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferrumq_nameserver::RouteTable;
-use ferrumq_nameserver::session::{SettingsPolicy, TelemetrySender};
 use ferrumq_protocol::cluster::{BrokerRegistration, TopicRoute};
 use ferrumq_protocol::frame::EncodedMessage;
+use ferrumq_protocol::session::{SettingsPolicy, TelemetrySender};
 use ferrumq_protocol::v2::{self, Code, MessageQueue, QueryOffsetPolicy, SendResultEntry, Status};
 use ferrumq_storage::{
     Appended, LogPos, MessageStore, MessageType, NewRecord, QueueOffset, StoredRecord, TermIndex,

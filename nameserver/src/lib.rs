@@ -8,8 +8,6 @@
 
 pub mod route;
 pub mod service;
-pub mod session;
 
 pub use route::RouteTable;
 pub use service::NameServer;
-pub use session::{SettingsPolicy, client_id, settings_reply};

@@ -20,7 +20,7 @@ use ferrumq_protocol::v2::{
 use tonic::{Request, Response};
 
 use crate::route::RouteTable;
-use crate::session::{self, SettingsPolicy, TelemetryStream};
+use ferrumq_protocol::session::{self, SettingsPolicy, TelemetryStream};
 
 pub struct NameServer {
     routes: Arc<RouteTable>,

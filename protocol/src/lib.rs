@@ -8,6 +8,8 @@
 //! - [`frame`]: replies that stream messages the broker encoded itself.
 //! - [`ack`]: AckMessage as the broker reads and answers it, its strings left in place.
 //! - [`consumed`]: replies as the native client reads them, without the fields it ignores.
+//! - [`session`]: what every access point does for a client session (client id, Settings,
+//!   Telemetry).
 
 #![allow(
     unreachable_pub,
@@ -50,6 +52,7 @@ pub mod consumed;
 pub mod frame;
 pub mod message_id;
 pub mod send;
+pub mod session;
 
 pub use apache::rocketmq::v2;
 pub use ferrumq::admin::v1 as admin;

@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ferrumq_nameserver::session;
 use ferrumq_protocol::ack::{AckRequest, AckResponse, AckResponseEntry, EntryStatus};
 use ferrumq_protocol::frame::{Frame, PullFrame, ReceiveFrame};
 use ferrumq_protocol::send::SendRequest;
+use ferrumq_protocol::session;
 use ferrumq_protocol::v2::messaging_service_server::MessagingService;
 use ferrumq_protocol::v2::{
     ChangeInvisibleDurationRequest, ChangeInvisibleDurationResponse, ClientType, Code,

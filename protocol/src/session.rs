@@ -1,7 +1,8 @@
-//! What every access point does for a client session: insist on a client id, and answer the
-//! client's Settings with the server's policy merged in.
+//! What every access point (a broker, a nameserver) does for a client session: insist on a
+//! client id, answer the client's Settings with the server's policy merged in, and keep its
+//! Telemetry stream open.
 
-use ferrumq_protocol::v2::{
+use crate::v2::{
     Code, CustomizedBackoff, ExponentialBackoff, Metric, RetryPolicy, Settings, Status,
     retry_policy, settings,
 };
@@ -67,15 +68,14 @@ pub fn settings_reply(client: &Settings, policy: &SettingsPolicy) -> Settings {
                         next: policy
                             .retry_backoff_ms
                             .iter()
-                            .map(|&ms| ferrumq_protocol::duration_from_ms(ms))
+                            .map(|&ms| crate::duration_from_ms(ms))
                             .collect(),
                     },
                 )),
             });
             subscription.receive_batch_size = Some(policy.receive_batch_size);
-            subscription.long_polling_timeout = Some(ferrumq_protocol::duration_from_ms(
-                policy.long_polling_timeout_ms,
-            ));
+            subscription.long_polling_timeout =
+                Some(crate::duration_from_ms(policy.long_polling_timeout_ms));
             subscription.fifo = Some(policy.fifo);
         }
         _ => {
@@ -83,8 +83,8 @@ pub fn settings_reply(client: &Settings, policy: &SettingsPolicy) -> Settings {
                 max_attempts: policy.producer_max_attempts,
                 strategy: Some(retry_policy::Strategy::ExponentialBackoff(
                     ExponentialBackoff {
-                        initial: Some(ferrumq_protocol::duration_from_ms(10)),
-                        max: Some(ferrumq_protocol::duration_from_ms(1000)),
+                        initial: Some(crate::duration_from_ms(10)),
+                        max: Some(crate::duration_from_ms(1000)),
                         multiplier: 2.0,
                     },
                 )),
@@ -103,13 +103,13 @@ pub fn settings_reply(client: &Settings, policy: &SettingsPolicy) -> Settings {
 /// ends it). Returns the sender, through which the server may push commands later, and the
 /// stream to hand to tonic.
 pub fn serve_telemetry<F>(
-    mut inbound: tonic::Streaming<ferrumq_protocol::v2::TelemetryCommand>,
+    mut inbound: tonic::Streaming<crate::v2::TelemetryCommand>,
     reply: F,
 ) -> (TelemetrySender, TelemetryStream)
 where
     F: Fn(&Settings) -> Result<Settings, Status> + Send + 'static,
 {
-    use ferrumq_protocol::v2::{TelemetryCommand, telemetry_command::Command};
+    use crate::v2::{TelemetryCommand, telemetry_command::Command};
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let sender = tx.clone();
     tokio::spawn(async move {
@@ -146,19 +146,15 @@ where
 }
 
 pub type TelemetrySender =
-    tokio::sync::mpsc::Sender<Result<ferrumq_protocol::v2::TelemetryCommand, tonic::Status>>;
+    tokio::sync::mpsc::Sender<Result<crate::v2::TelemetryCommand, tonic::Status>>;
 pub type TelemetryStream = std::pin::Pin<
-    Box<
-        dyn tokio_stream::Stream<
-                Item = Result<ferrumq_protocol::v2::TelemetryCommand, tonic::Status>,
-            > + Send,
-    >,
+    Box<dyn tokio_stream::Stream<Item = Result<crate::v2::TelemetryCommand, tonic::Status>> + Send>,
 >;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrumq_protocol::v2::{Publishing, Subscription};
+    use crate::v2::{Publishing, Subscription};
 
     #[test]
     fn producers_get_an_exponential_backoff_and_a_body_limit() {
