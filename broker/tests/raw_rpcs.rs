@@ -262,6 +262,49 @@ async fn change_invisible_duration_renews_the_lease_with_a_new_handle() {
     broker.running.shutdown().await.unwrap();
 }
 
+/// Each group keeps its own state, but lease epochs are shared: the handle one group got
+/// for a message never acks another group's delivery of the same message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_handle_of_one_group_is_stale_in_another() {
+    let broker = start(|_| {}).await;
+    create_group(broker.addr(), "ga", 17).await;
+    create_group(broker.addr(), "gb", 17).await;
+    let mut client = MessagingServiceClient::connect(format!("http://{}", broker.addr()))
+        .await
+        .unwrap();
+    send(&mut client, "shared", &["S1"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = receive(&mut client, "ga", "shared", 60_000).await;
+    let b = receive(&mut client, "gb", "shared", 60_000).await;
+    assert_eq!((a.len(), b.len()), (1, 1));
+    let ack = |group: &str, m: &Message| AckMessageRequest {
+        group: resource(group),
+        topic: resource("shared"),
+        entries: vec![AckMessageEntry {
+            message_id: "S1".into(),
+            receipt_handle: handle(m),
+        }],
+    };
+    let crossed = client
+        .ack_message(call(ack("gb", &a[0])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        crossed.status.unwrap().code,
+        Code::InvalidReceiptHandle as i32
+    );
+    for (group, message) in [("ga", &a[0]), ("gb", &b[0])] {
+        let own = client
+            .ack_message(call(ack(group, message)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(own.status.unwrap().code, Code::Ok as i32, "{group}");
+    }
+    broker.running.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn above_the_disk_watermark_sends_are_refused_and_acks_still_written() {
     let broker = start(|_| {}).await;

@@ -146,6 +146,9 @@ pub struct ConsumerGroups {
     last_op_end: AtomicU64,
     /// One past the highest journal offset used so far: a snapshot's `journal_floor`.
     next_op: AtomicU64,
+    /// The highest lease epoch handed out in any group: epochs stay unique across groups, so
+    /// a receipt handle of one group is stale in every other.
+    epoch: AtomicU64,
 }
 
 impl ConsumerGroups {
@@ -192,10 +195,8 @@ impl ConsumerGroups {
             }
         }
         if let Some(queue) = store.consume_queue(OPS_TOPIC, 0) {
-            let first = shards
-                .values()
-                .filter_map(|s| s.last_op.map(|last| last + 1))
-                .fold(floor, u64::min);
+            // Every group's ops below the floor are in the snapshot.
+            let first = floor;
             if queue.min_offset().0 > first {
                 tracing::warn!(
                     from = first,
@@ -227,6 +228,7 @@ impl ConsumerGroups {
             }
         }
         tracing::info!(replayed, groups = shards.len(), "consumer state recovered");
+        let epoch = shards.values().map(|s| s.epoch).max().unwrap_or(0);
         let shards = shards
             .into_iter()
             .map(|(group, state)| (group, Arc::new(Mutex::new(state))))
@@ -241,7 +243,15 @@ impl ConsumerGroups {
             snapshot_lock: Mutex::new(()),
             last_op_end: AtomicU64::new(0),
             next_op: AtomicU64::new(journal_end),
+            epoch: AtomicU64::new(epoch),
         })
+    }
+
+    /// A lease epoch no group has used.
+    fn next_epoch(&self, state: &mut ConsumerState) -> u64 {
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        state.epoch = state.epoch.max(epoch);
+        epoch
     }
 
     /// The group's state, added empty if the group has none yet.
@@ -405,7 +415,7 @@ impl ConsumerGroups {
                 more,
             });
         }
-        let epoch = state.next_epoch();
+        let epoch = self.next_epoch(&mut state);
         let invisible = i64::try_from(invisible_ms).unwrap_or(i64::MAX);
         let op = Op::Deliver {
             group: group.name.clone(),
@@ -517,7 +527,7 @@ impl ConsumerGroups {
         let shard = self.shard(&group.name);
         let mut state = lock(&shard);
         let handle = current_lease(&state, group, topic, text)?;
-        let epoch = state.next_epoch();
+        let epoch = self.next_epoch(&mut state);
         let op = Op::Renew {
             group: group.name.clone(),
             topic: topic.name.clone(),

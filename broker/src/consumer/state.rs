@@ -253,8 +253,8 @@ impl ConsumerState {
         self.epoch
     }
 
-    /// Applies an op. Replaying an op the state already includes changes nothing, so
-    /// recovery may safely start a little early.
+    /// Applies an op. Ops are applied once each, in log order: recovery skips those a group's
+    /// state already includes (`last_op`).
     pub fn apply(&mut self, op: &Op) {
         match op {
             Op::Deliver {

@@ -1,6 +1,6 @@
 //! Topics and consumer groups. Every change is an op journaled in the commit log
-//! (`%SYS%METADATA`, see [`op`]) and applied when proposed; its caller answers once it is
-//! committed. `metadata.json` is a snapshot: the state after the ops up to `applied_through`,
+//! (`%SYS%METADATA`, see [`op`]) and applied once it is committed, so no reader sees a change
+//! a crash could take back. `metadata.json` is a snapshot: the state after the ops up to `applied_through`,
 //! written after each change once those ops are durable. Opening reads the snapshot and
 //! applies the ops the log holds after it.
 
@@ -212,7 +212,17 @@ impl Metadata {
         }
         let mut replayed = 0;
         if let Some(queue) = store.consume_queue(METADATA_TOPIC, 0) {
-            let from = snapshot.applied_through.map_or(0, |last| last + 1);
+            let mut from = snapshot.applied_through.map_or(0, |last| last + 1);
+            if from > queue.max_offset().0 {
+                // The snapshot names ops the log no longer has; new ops will reuse those
+                // offsets, so a later open must not skip them.
+                tracing::warn!(
+                    from,
+                    end = queue.max_offset().0,
+                    "metadata snapshot ahead of the log"
+                );
+                from = queue.max_offset().0;
+            }
             if from < queue.min_offset().0 {
                 tracing::error!(
                     from,
@@ -427,9 +437,10 @@ impl Metadata {
         Ok(group)
     }
 
-    /// Journals `op` and applies it while `state` is still held, so the log's order is the
-    /// order of application; then, without the lock, waits until it is committed and writes
-    /// a snapshot. A change that cannot be journaled is not made.
+    /// Journals `op`, waits until it is committed and only then applies it, all under the
+    /// lock: nobody reads a topic or group a crash could take back, and the log's order is
+    /// the order of application. Then writes a snapshot. A change that is not committed is
+    /// not made. Readers wait for the commit (an fsync in `sync` mode); changes are rare.
     fn commit(
         &self,
         mut state: std::sync::RwLockWriteGuard<'_, Applied>,
@@ -437,15 +448,15 @@ impl Metadata {
     ) -> ApiResult<()> {
         let body = op.encode();
         let appended = self.log.propose(&system_record(METADATA_TOPIC, &body))?;
-        state.state.apply(&op);
-        state.last = Some((appended.queue_offset.0, appended.end()));
-        drop(state);
         self.log.wait_committed(Some(appended.end())).map_err(|e| {
             ApiError::new(
                 Code::MasterPersistenceTimeout,
                 format!("metadata change not committed: {e}"),
             )
         })?;
+        state.state.apply(&op);
+        state.last = Some((appended.queue_offset.0, appended.end()));
+        drop(state);
         if let Err(error) = self.snapshot() {
             // The change is in the log; the next snapshot (or the next open) covers it.
             tracing::warn!(%error, "could not write the metadata snapshot");
@@ -555,6 +566,28 @@ mod tests {
         );
         assert!(metadata.group("g").is_none());
         assert!(metadata.delete_topic("kept").is_err());
+        assert!(metadata.topic("kept").is_some());
+    }
+
+    /// A change whose op is written but never committed (the disk fails its sync) is not
+    /// made: nobody ever reads it.
+    #[test]
+    fn a_change_that_is_written_but_not_committed_is_not_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("store");
+        std::fs::create_dir(&data).unwrap();
+        let crash = Arc::new(ferrumq_storage::CrashFileSystem::new(&data).unwrap());
+        let options = StoreOptions {
+            fs: crash.clone(),
+            ..StoreOptions::for_tests()
+        };
+        let store = Arc::new(MessageStore::open(&data, options).unwrap());
+        let log = LogWriter::new(store, FlushPolicy::Sync);
+        let metadata = Metadata::open(dir.path(), Arc::new(BrokerConfig::default()), log).unwrap();
+        metadata.topic_or_create("kept").unwrap();
+        crash.cut();
+        assert!(metadata.topic_or_create("lost").is_err());
+        assert!(metadata.topic("lost").is_none());
         assert!(metadata.topic("kept").is_some());
     }
 
