@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestMessage, body_of, message_id};
+use common::{acked_record, append_numbered};
 use ferrumq_storage::{FlushMode, LogPos, MessageStore, StoreOptions};
 
 const CHILD_DIR: &str = "FERRUMQ_CRASH_CHILD_DIR";
@@ -63,13 +63,7 @@ fn crash_child_writer() {
                     let numbers: Vec<u64> = (i * per_append..(i + 1) * per_append)
                         .map(|k| first + k * 4 + t)
                         .collect();
-                    let messages: Vec<_> = numbers
-                        .iter()
-                        .map(|&n| TestMessage::new(n, body_len(n)))
-                        .collect();
-                    let records: Vec<_> = messages.iter().map(TestMessage::record).collect();
-                    appended.clear();
-                    store.append_batch(&records, &mut appended).unwrap();
+                    append_numbered(&store, &numbers, body_len, &mut appended).unwrap();
                     if !asynchronous && let Some(last) = appended.last() {
                         store.durable(last.end()).wait().unwrap();
                     }
@@ -167,15 +161,8 @@ fn kill_loop(asynchronous: bool, kills: u64) {
 
         let store = MessageStore::open(dir.path(), options(asynchronous)).unwrap();
         for (n, pos) in &acked {
-            let record = store
-                .read(LogPos(*pos))
-                .unwrap_or_else(|e| panic!("round {round}: acked message {n} at {pos} lost: {e}"));
+            let record = acked_record(&store, *n, *pos, body_len, &format!("round {round}"));
             let view = record.view();
-            assert_eq!(
-                view.properties.get("UNIQ_KEY"),
-                Some(message_id(*n).as_str())
-            );
-            assert_eq!(view.body, body_of(*n, body_len(*n)).as_slice());
             let queue = store.consume_queue(view.topic, view.queue_id).unwrap();
             let entry = queue.get(view.queue_offset).unwrap();
             assert_eq!(entry.log_pos, LogPos(*pos));

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{TestMessage, body_of, message_id};
+use common::{acked_record, append_numbered};
 use ferrumq_storage::{
     CrashFileSystem, FlushMode, LogPos, MessageStore, QueueOffset, StoreOptions,
 };
@@ -131,13 +131,7 @@ fn append_until_cut(store: &MessageStore, round: u64) -> Vec<(u64, u64)> {
                     let numbers: Vec<u64> = (0..per_append)
                         .map(|k| (round << 32) | (writer << 31) | (i * per_append + k))
                         .collect();
-                    let messages: Vec<_> = numbers
-                        .iter()
-                        .map(|&n| TestMessage::new(n, body_len(n)))
-                        .collect();
-                    let records: Vec<_> = messages.iter().map(TestMessage::record).collect();
-                    appended.clear();
-                    let written = store.append_batch(&records, &mut appended);
+                    let written = append_numbered(store, &numbers, body_len, &mut appended);
                     let durable = appended
                         .last()
                         .is_some_and(|last| store.durable(last.end()).wait().is_ok());
@@ -157,16 +151,7 @@ fn append_until_cut(store: &MessageStore, round: u64) -> Vec<(u64, u64)> {
 /// log's records of that queue, in log order.
 fn check(store: &MessageStore, acked: &[(u64, u64)], round: u64) {
     for &(n, pos) in acked {
-        let record = store
-            .read(LogPos(pos))
-            .unwrap_or_else(|e| panic!("round {round}: acked record {n} at {pos} lost: {e}"));
-        let view = record.view();
-        assert_eq!(
-            view.properties.get("UNIQ_KEY"),
-            Some(message_id(n).as_str()),
-            "round {round}: record at {pos}"
-        );
-        assert_eq!(view.body, body_of(n, body_len(n)).as_slice());
+        acked_record(store, n, pos, body_len, &format!("round {round}"));
     }
     let log = store.log();
     let end = log.written_pos();

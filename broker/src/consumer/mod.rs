@@ -216,11 +216,7 @@ impl ConsumerGroups {
                     }
                 })?;
                 let state = shards.entry(op.group().to_owned()).or_default();
-                let included = match state.last_op {
-                    Some(last) => offset <= last,
-                    None => offset < floor,
-                };
-                if !included {
+                if state.last_op.is_none_or(|last| offset > last) {
                     state.apply(&op);
                     state.last_op = Some(offset);
                     replayed += 1;

@@ -248,11 +248,6 @@ impl ConsumerState {
             .or_default()
     }
 
-    pub fn next_epoch(&mut self) -> u64 {
-        self.epoch += 1;
-        self.epoch
-    }
-
     /// Applies an op. Ops are applied once each, in log order: recovery skips those a group's
     /// state already includes (`last_op`).
     pub fn apply(&mut self, op: &Op) {

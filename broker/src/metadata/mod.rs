@@ -569,6 +569,43 @@ mod tests {
         assert!(metadata.topic("kept").is_some());
     }
 
+    /// Every change must fit the op's binary form: longer lists are refused, naming the field.
+    #[test]
+    fn lists_longer_than_an_op_holds_are_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let metadata = Metadata::open(
+            dir.path(),
+            Arc::new(BrokerConfig::default()),
+            store(dir.path()),
+        )
+        .unwrap();
+        let topic = TopicConfig {
+            name: "t".into(),
+            queue_count: 1,
+            accept_message_types: vec!["NORMAL".into(); SUPPORTED_MESSAGE_TYPES.len() + 1],
+        };
+        let err = metadata.put_topic(topic, false).unwrap_err();
+        assert_eq!(err.code, Code::BadRequest);
+        assert!(
+            err.message.contains("topic.accept_message_types"),
+            "{}",
+            err.message
+        );
+        assert!(metadata.topic("t").is_none());
+        let mut group = metadata.default_group("g", 1);
+        group.retry_backoff_ms = vec![1000; MAX_RETRY_BACKOFFS + 1];
+        let err = metadata.put_group(group.clone(), false).unwrap_err();
+        assert_eq!(err.code, Code::BadRequest);
+        assert!(
+            err.message.contains("group.retry_backoff_ms"),
+            "{}",
+            err.message
+        );
+        assert!(metadata.group("g").is_none());
+        group.retry_backoff_ms.truncate(MAX_RETRY_BACKOFFS);
+        assert!(metadata.put_group(group, false).is_ok());
+    }
+
     /// A change whose op is written but never committed (the disk fails its sync) is not
     /// made: nobody ever reads it.
     #[test]

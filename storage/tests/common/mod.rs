@@ -51,6 +51,47 @@ impl TestMessage {
     }
 }
 
+/// Appends messages `numbers` ([`TestMessage::new`], bodies `body_len(n)` long) in one batch.
+pub fn append_numbered(
+    store: &MessageStore,
+    numbers: &[u64],
+    body_len: fn(u64) -> usize,
+    out: &mut Vec<ferrumq_storage::Appended>,
+) -> ferrumq_storage::Result<()> {
+    let messages: Vec<_> = numbers
+        .iter()
+        .map(|&n| TestMessage::new(n, body_len(n)))
+        .collect();
+    let records: Vec<_> = messages.iter().map(TestMessage::record).collect();
+    out.clear();
+    store.append_batch(&records, out)
+}
+
+/// The record at `pos`, which must be message `n` of [`append_numbered`], intact.
+pub fn acked_record(
+    store: &MessageStore,
+    n: u64,
+    pos: u64,
+    body_len: fn(u64) -> usize,
+    context: &str,
+) -> ferrumq_storage::StoredRecord {
+    let record = store
+        .read(ferrumq_storage::LogPos(pos))
+        .unwrap_or_else(|e| panic!("{context}: acked record {n} at {pos} lost: {e}"));
+    let view = record.view();
+    assert_eq!(
+        view.properties.get("UNIQ_KEY"),
+        Some(message_id(n).as_str()),
+        "{context}: record at {pos}"
+    );
+    assert_eq!(
+        view.body,
+        body_of(n, body_len(n)).as_slice(),
+        "{context}: body of {n}"
+    );
+    record
+}
+
 pub fn message_id(n: u64) -> String {
     format!("MSG-{n:016X}")
 }
